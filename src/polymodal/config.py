@@ -1,0 +1,200 @@
+"""Configs: one frozen dataclass per model part, composed into the model's config.
+
+Each round-trips through JSON (`to_dict` / `from_dict`); derived values are properties,
+never fields. Named architectures are small JSON presets in `presets/` (`list_models()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+# OpenAI CLIP's pixel statistics (the defaults of every CLIP checkpoint we know).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model (unknown field, impossible shape)."""
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build a (possibly nested) frozen dataclass from a dict, refusing unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls.__name__, name))
+        if sub is not None and isinstance(value, dict):
+            value = sub(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+class _Config:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, data)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig(_Config):
+    """How an image becomes the tensor a vision tower reads.
+
+    mode "crop": resize the shortest side to `resize`, centre-crop `size` x `size` (CLIP).
+    mode "letterbox": resize the longest side to `size` and pad to a square with `fill`,
+    so wide images are neither cut nor distorted. mode "squash": resize to `size` x `size`.
+    """
+
+    size: int = 224
+    resize: int = 224
+    mode: Literal["crop", "letterbox", "squash"] = "crop"
+    resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    fill: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class VisionConfig(_Config):
+    """A Vision Transformer (Dosovitskiy et al. 2020) as CLIP uses it."""
+
+    image_size: int = 224
+    patch_size: int = 32
+    channels: int = 3
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # CLIP's ln_pre before the encoder
+    patch_bias: bool = False  # the patch projection of CLIP has no bias
+    pool: Literal["cls", "mean"] = "cls"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+@dataclass(frozen=True)
+class TextConfig(_Config):
+    """CLIP's text transformer: causal, pre-norm, pooled at the end-of-text token."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eot_token_id: int | None = 49407  # None: pool at argmax(ids), as OpenAI / OpenCLIP do
+    pad_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class BertConfig(_Config):
+    """A BERT-style bidirectional encoder (Devlin et al. 2018): post-norm, padding mask."""
+
+    vocab_size: int = 30522
+    context_length: int = 512  # max position embeddings
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    pool: Literal["cls", "mean"] = "mean"
+
+
+@dataclass(frozen=True)
+class CLIPConfig(_Config):
+    """CLIP (Radford et al. 2021): two towers projected into one space."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig | BertConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    logit_scale_init: float = 2.6592  # log(1 / 0.07)
+    text_proj_bias: bool = False
+    image_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    model_type: str = "clip"
+
+    @property
+    def text_kind(self) -> str:
+        return "bert" if isinstance(self.text, BertConfig) else "clip"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["text"]["kind"] = self.text_kind
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
+        data = dict(data)
+        text = dict(data.pop("text", {}))
+        kind = text.pop("kind", "clip")
+        text_cfg = (BertConfig if kind == "bert" else TextConfig).from_dict(text)
+        cfg = _from_dict(cls, data)
+        return dataclasses.replace(cfg, text=text_cfg)
+
+
+_NESTED = {
+    ("CLIPConfig", "vision"): VisionConfig.from_dict,
+    ("CLIPConfig", "image_transform"): ImageTransformConfig.from_dict,
+}
+
+CONFIGS = {"clip": CLIPConfig}
+
+
+def config_from_dict(data: dict[str, Any]):
+    kind = data.get("model_type", "clip")
+    if kind not in CONFIGS:
+        raise ConfigError(f"unknown model_type {kind!r}; known: {sorted(CONFIGS)}")
+    return CONFIGS[kind].from_dict(data)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: str | Path):
+    return config_from_dict(json.loads(Path(path).read_text()))
+
+
+# --- presets -------------------------------------------------------------------------
+
+
+def list_models() -> list[str]:
+    """Names of the architecture presets shipped in `polymodal/presets/`."""
+    files = resources.files("polymodal") / "presets"
+    return sorted(p.name.removesuffix(".json") for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def preset(name: str):
+    """The config of a named architecture, e.g. `preset("ViT-B-32")`."""
+    path = resources.files("polymodal") / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"no preset {name!r}; known: {', '.join(list_models())}")
+    return config_from_dict(json.loads(path.read_text()))
