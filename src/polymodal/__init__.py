@@ -1,3 +1,39 @@
-"""polymodal: build, train, load and serve multimodal language models."""
+"""polymodal: build, train, load and serve multimodal language models.
+
+    import polymodal
+    model = polymodal.load("path/to/clip")      # own format, a transformers CLIP dir, OpenCLIP, a hub id
+    img = model.encode_image(["cat.png"])        # (N, D) float32, L2-normalised
+    txt = model.encode_text(["a photo of a cat"])
+    model.similarity(img, txt), model.probs(img, txt)
+    tok = polymodal.load_tokenizer("path/to/clip")
+
+Heavy modules (torch models, checkpoints) are imported on first use, so `import polymodal`
+stays fast.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """A CLIP checkpoint in any layout polymodal reads -> an `Embedder` (see tasks/embed.py)."""
+    from polymodal.tasks.embed import Embedder
+
+    return Embedder.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint directory (own, transformers or OpenCLIP layout)."""
+    from polymodal.checkpoints.pretrained import load_clip_tokenizer
+
+    return load_clip_tokenizer(path)
+
+
+def list_models() -> list[str]:
+    from polymodal.config import list_models as _list
+
+    return _list()
+
+
+__all__ = ["__version__", "list_models", "load", "load_tokenizer"]

@@ -1,0 +1,126 @@
+"""One checkpoint format, and loading every layout we know into it.
+
+Own format: a directory with `config.json` (our config), `model.safetensors` and the
+tokenizer files. `load_clip(path)` also reads, converting on the fly:
+  - a `transformers` CLIP directory (config.json with vision_config, model.safetensors or
+    pytorch_model.bin, sharded or not, preprocessor_config.json, tokenizer files);
+  - an OpenCLIP directory (open_clip_config.json + open_clip_model.safetensors / .bin) or a
+    bare OpenCLIP / OpenAI state-dict file (.safetensors, .bin, .pt);
+  - a hub id ("openai/clip-vit-base-patch32"), downloaded only when the hub can be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from polymodal.checkpoints import hf_clip, openclip
+from polymodal.checkpoints.state import CheckpointError, find_weights, load_exact, read_state_dict
+from polymodal.config import config_from_dict, save_config
+from polymodal.models.clip import CLIP
+from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer, load_tokenizer
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def save_pretrained(model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer into `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(model.cfg, directory / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def is_own_format(directory: Path) -> bool:
+    cfg = directory / "config.json"
+    return cfg.is_file() and "vision" in json.loads(cfg.read_text())
+
+
+def load_clip(path: str | Path, *, act: str | None = None) -> tuple[CLIP, Tokenizer]:
+    """(model in eval mode, tokenizer) from any layout above. `act` overrides the activation
+    of a bare OpenCLIP state dict, whose shapes cannot tell quick_gelu from gelu."""
+    p = Path(path)
+    if not p.exists():
+        if HUB_ID.match(str(path)):
+            return load_clip(download(str(path)), act=act)
+        raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id like 'org/name')")
+    if p.is_file():
+        return _load_openclip(read_state_dict(p), {}, p, act)
+    if is_own_format(p):
+        cfg = config_from_dict(json.loads((p / "config.json").read_text()))
+        model = load_exact(CLIP(cfg), read_state_dict(p / "model.safetensors"), str(p))
+        return model.eval(), load_tokenizer(p)
+    if hf_clip.is_hf_clip(p):
+        pre = p / "preprocessor_config.json"
+        cfg = hf_clip.config_from_hf(json.loads((p / "config.json").read_text()),
+                                     json.loads(pre.read_text()) if pre.is_file() else None)
+        state = hf_clip.state_from_hf(read_state_dict(find_weights(p)), cfg, f"{p} (transformers CLIP)")
+        model = load_exact(CLIP(cfg), state, str(p))
+        try:
+            tokenizer = load_tokenizer(p)
+        except (FileNotFoundError, ValueError):
+            tokenizer = clip_tokenizer(context_length=cfg.text.context_length)
+        return model.eval(), tokenizer
+    try:
+        weights, meta = openclip.read_openclip_dir(p)
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: not a checkpoint polymodal knows (own format, a transformers CLIP "
+                              "directory, or OpenCLIP weights)") from None
+    return _load_openclip(read_state_dict(weights), meta, p, act)
+
+
+def load_clip_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a directory with tokenizer files (own or transformers layout), or
+    the one `load_clip(path)` would return (OpenCLIP weights carry none: CLIP's own BPE)."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            return load_tokenizer(p)
+        except (FileNotFoundError, ValueError):
+            if is_own_format(p) or hf_clip.is_hf_clip(p):
+                raise
+    return load_clip(path)[1]
+
+
+def _load_openclip(state, meta, source: Path, act: str | None) -> tuple[CLIP, Tokenizer]:
+    if not openclip.is_openclip_state(state):
+        raise CheckpointError(f"{source}: the weights are not in the OpenCLIP / OpenAI CLIP layout")
+    cfg = openclip.config_from_openclip(state, meta.get("model_cfg"), meta.get("preprocess_cfg"), act)
+    model = load_exact(CLIP(cfg), openclip.state_from_openclip(state, cfg, f"{source} (OpenCLIP)"), str(source))
+    tokenizer = clip_tokenizer(context_length=cfg.text.context_length, pad_id=cfg.text.pad_token_id)
+    return model.eval(), tokenizer
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a hub repository's configs, tokenizer and safetensors weights, if the hub answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise CheckpointError(f"{repo_id}: HF_HUB_OFFLINE is set, so the hub is not asked; {_OFFLINE_HINT}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise CheckpointError(f"{repo_id}: cannot download from the Hugging Face hub "
+                              f"({type(e).__name__}); {_OFFLINE_HINT}") from None
+
+
+_OFFLINE_HINT = ("pass a local directory instead: one saved by polymodal, a transformers CLIP directory, "
+                 "or an OpenCLIP checkpoint (see `polymodal convert --help`)")
+
+
+def convert(src: str | Path, dst: str | Path, *, act: str | None = None) -> Path:
+    """Any layout `load_clip` reads -> our own format in `dst`."""
+    model, tokenizer = load_clip(src, act=act)
+    return save_pretrained(model, dst, tokenizer)
+
+
+__all__ = ["convert", "load_clip", "load_clip_tokenizer", "save_pretrained"]

@@ -1,0 +1,68 @@
+"""CLIP: an image tower and a text tower projected into one space, compared by cosine.
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", Figure 1: I_e = norm(I_f W_i), T_e = norm(T_f W_t),
+logits = I_e T_e^T * exp(t), trained with a symmetric cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import CLIPConfig
+from polymodal.models.text import build_text_tower
+from polymodal.models.vit import VisionTransformer
+
+
+@dataclass
+class CLIPOutput:
+    image_embeds: Tensor  # (N, embed_dim), L2-normalised
+    text_embeds: Tensor  # (M, embed_dim), L2-normalised
+    logits_per_image: Tensor  # (N, M) = exp(logit_scale) * cosine
+    loss: Tensor | None = None
+
+    @property
+    def logits_per_text(self) -> Tensor:
+        return self.logits_per_image.t()
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.text = build_text_tower(cfg.text)
+        self.visual_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=cfg.text_proj_bias)
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+
+    def image_features(self, pixels: Tensor, *, normalize: bool = True) -> Tensor:
+        """pixels (N, 3, H, W) -> (N, embed_dim)."""
+        x = self.visual_proj(self.visual(pixels).pooled)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_features(self, ids: Tensor, attention_mask: Tensor | None = None, *,
+                      normalize: bool = True) -> Tensor:
+        """ids (M, T) -> (M, embed_dim)."""
+        x = self.text_proj(self.text(ids, attention_mask).pooled)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,
+                targets: Tensor | None = None) -> CLIPOutput:
+        """targets (N,): the index of each image's text; sets the symmetric InfoNCE loss."""
+        img = self.image_features(pixels)
+        txt = self.text_features(ids, attention_mask)
+        logits = self.logit_scale.exp() * img @ txt.t()  # (N, M)
+        loss = None
+        if targets is not None:
+            loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        return CLIPOutput(image_embeds=img, text_embeds=txt, logits_per_image=logits, loss=loss)
+
+    @property
+    def temperature(self) -> float:
+        return math.exp(-self.logit_scale.item())

@@ -1,0 +1,162 @@
+"""Embedding images and texts into CLIP's shared space, and what that space is for:
+similarity, probabilities over texts, zero-shot classification.
+
+`Embedder` is what `polymodal.load()` returns for a CLIP checkpoint: the model with its
+image transform and tokenizer, taking paths, bytes, PIL images and strings and returning
+L2-normalised float32 NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polymodal.models.clip import CLIP
+from polymodal.processing.image import ImageError, load_image, preprocess
+from polymodal.processing.tokenizer import Tokenizer
+
+MAX_TEXT_CHARS = 1 << 20  # longer texts are cut before tokenising; 77 tokens need far fewer
+
+
+class TextError(ValueError):
+    """A text that cannot be embedded (empty, not a string)."""
+
+
+@dataclass
+class BatchResult:
+    """Embeddings of the good inputs of a batch; the bad ones are skipped and listed."""
+
+    vectors: np.ndarray  # (len(ok), D)
+    ok: list[int] = field(default_factory=list)  # indices of the inputs that were embedded
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (index, one-line message)
+
+
+def check_text(text, i: int = 0) -> str:
+    if not isinstance(text, str):
+        raise TextError(f"text {i + 1}: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise TextError(f"text {i + 1}: empty text")
+    return text[:MAX_TEXT_CHARS]
+
+
+def _batches(n: int, size: int, progress: bool, what: str) -> Iterable[range]:
+    starts = range(0, n, size)
+    if progress and len(starts) > 1:
+        from rich.progress import track
+
+        starts = track(starts, description=f"embedding {n} {what}", transient=True)
+    for s in starts:
+        yield range(s, min(s + size, n))
+
+
+class Embedder:
+    def __init__(self, model: CLIP, tokenizer: Tokenizer, *, device: str | torch.device | None = None,
+                 batch_size: int = 32):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.tokenizer = tokenizer
+        self.transform = model.cfg.image_transform
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Embedder:
+        from polymodal.checkpoints.pretrained import load_clip
+
+        model, tokenizer = load_clip(path)
+        return cls(model, tokenizer, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from polymodal.checkpoints.pretrained import save_pretrained
+
+        return save_pretrained(self.model, directory, self.tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    # --- images -----------------------------------------------------------------------
+
+    def embed_images(self, images: Sequence, *, progress: bool = False,
+                     on_error: Callable[[int, str], None] | None = None) -> BatchResult:
+        """Embed what can be embedded; a bad image is skipped, reported to `on_error` and listed."""
+        result = BatchResult(vectors=np.zeros((0, self.dim), np.float32))
+        chunks = []
+        for batch in _batches(len(images), self.batch_size, progress, "images"):
+            pixels, kept = [], []
+            for i in batch:
+                try:
+                    pixels.append(preprocess(load_image(images[i]), self.transform))
+                    kept.append(i)
+                except ImageError as e:
+                    result.errors.append((i, str(e)))
+                    if on_error is not None:
+                        on_error(i, str(e))
+            if pixels:
+                chunks.append(self._image_vectors(torch.cat(pixels)))
+                result.ok.extend(kept)
+        if chunks:
+            result.vectors = np.concatenate(chunks)
+        return result
+
+    def encode_image(self, images, *, progress: bool = False) -> np.ndarray:
+        """(N, D) for paths, bytes or PIL images; the first bad image raises ImageError."""
+        images = list(images) if isinstance(images, list | tuple) else [images]
+
+        def stop(i: int, message: str):
+            raise ImageError(message)
+
+        return self.embed_images(images, progress=progress, on_error=stop).vectors
+
+    @torch.inference_mode()
+    def _image_vectors(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.model.image_features(pixels.to(self.device)).float().cpu().numpy()
+
+    # --- texts ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, texts: str | Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """(M, D). Texts are batched by token length, so short captions never pad to 77."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = self.tokenizer.encode_batch([check_text(t, i) for i, t in enumerate(texts)])
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros((len(ids), self.dim), np.float32)
+        for batch in _batches(len(order), self.batch_size, progress, "texts"):
+            rows = [ids[order[j]] for j in batch]
+            L = max(map(len, rows))
+            tokens = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), L), dtype=torch.long)
+            for r, row in enumerate(rows):
+                tokens[r, :len(row)] = torch.tensor(row)
+                mask[r, :len(row)] = 1
+            vecs = self.model.text_features(tokens.to(self.device), mask.to(self.device))
+            out[[order[j] for j in batch]] = vecs.float().cpu().numpy()
+        return out
+
+    # --- the shared space -------------------------------------------------------------
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix (N, M) of two sets of L2-normalised embeddings."""
+        return np.asarray(a, np.float32) @ np.asarray(b, np.float32).T
+
+    def probs(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """softmax over texts of exp(logit_scale) * cosine, one row per image."""
+        logits = self.model.logit_scale.exp().item() * self.similarity(image_embeds, text_embeds)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def classify(self, images, labels: Sequence[str], template: str = "a photo of a {}.",
+                 *, progress: bool = False) -> list[list[tuple[str, float]]]:
+        """Zero-shot classification: for each image, (label, probability) best first."""
+        if not labels:
+            raise ValueError("classify needs at least one label")
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' for the label")
+        text = self.encode_text([template.format(label) for label in labels])
+        p = self.probs(self.encode_image(images, progress=progress), text)
+        return [sorted(zip(labels, map(float, row), strict=True), key=lambda x: -x[1]) for row in p]
