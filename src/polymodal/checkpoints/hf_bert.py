@@ -51,3 +51,23 @@ def state_from_hf(state: dict[str, Tensor], cfg: BertConfig, source: str = "tran
         pair(f"{d}.norm2", f"{s}.output.LayerNorm")
     r.finish()
     return out
+
+
+def load_hf_bert(directory, pool: str | None = None):
+    """(BertEncoder in eval mode, WordPiece tokenizer) from a transformers BERT directory, or a
+    sentence-transformers one (its `1_Pooling/config.json` picks mean or CLS pooling)."""
+    import json
+    from pathlib import Path
+
+    from polymodal.checkpoints.state import find_weights, load_exact, read_state_dict
+    from polymodal.models.text import BertEncoder
+    from polymodal.processing.tokenizer import load_tokenizer
+
+    d = Path(directory)
+    if pool is None:
+        pooling = d / "1_Pooling" / "config.json"
+        modes = json.loads(pooling.read_text()) if pooling.is_file() else {}
+        pool = "cls" if modes.get("pooling_mode_cls_token") else "mean"
+    cfg = config_from_hf(json.loads((d / "config.json").read_text()), pool=pool)
+    state = state_from_hf(read_state_dict(find_weights(d)), cfg, f"{d} (transformers BERT)")
+    return load_exact(BertEncoder(cfg), state, str(d)).eval(), load_tokenizer(d)
