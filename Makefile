@@ -31,7 +31,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

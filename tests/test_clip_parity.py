@@ -166,3 +166,10 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
         load_clip("openai/clip-vit-base-patch32")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_clip("/nonexistent/clip/dir")
+
+
+def test_a_missing_local_directory_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileNotFoundError, match="out/random-clip: no such file"):
+        load_clip("out/random-clip")

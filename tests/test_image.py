@@ -299,3 +299,8 @@ def test_to_pil_round_trip(mode):
     assert seen.mode == "RGB" and seen.size == (48, 48)
     diff = np.abs(np.asarray(seen, dtype=int) - np.asarray(image, dtype=int))
     assert diff.max() <= 1
+
+
+def test_a_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)

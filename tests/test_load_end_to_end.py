@@ -92,6 +92,19 @@ def test_similarity_probs_and_tokenizer(hf_dir):
     assert t.decode(t.encode("a photo of a cat")) == "a photo of a cat"
 
 
+def test_zero_shot_is_softmax_over_label_prompts(hf_dir):
+    ours = polymodal.load(hf_dir[0])
+    img = ours.encode_image([photo("chelsea.png"), photo("coffee.png")])
+    ranked = ours.zero_shot(img, ["cat", "cup", "rocket"], template="a photo of a {}.")
+    want = ours.probs(img, ours.encode_text(["a photo of a cat.", "a photo of a cup.", "a photo of a rocket."]))
+    for row, p in zip(ranked, want, strict=True):
+        assert [label for label, _ in row] == [["cat", "cup", "rocket"][j] for j in np.argsort(-p)]
+        np.testing.assert_allclose(sorted((q for _, q in row), reverse=True), np.sort(p)[::-1], atol=1e-6)
+    assert ours.classify([photo("chelsea.png"), photo("coffee.png")], ["cat", "cup", "rocket"]) == ranked
+    with pytest.raises(ValueError, match="no '{}'"):
+        ours.zero_shot(img, ["cat"], template="a photo")
+
+
 def test_bad_text_is_refused(hf_dir):
     from polymodal.tasks.embed import TextError
 

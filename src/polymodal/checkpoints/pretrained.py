@@ -50,7 +50,7 @@ def load_clip(path: str | Path, *, act: str | None = None) -> tuple[CLIP, Tokeni
     of a bare OpenCLIP state dict, whose shapes cannot tell quick_gelu from gelu."""
     p = Path(path)
     if not p.exists():
-        if HUB_ID.match(str(path)):
+        if HUB_ID.match(str(path)) and not p.parent.is_dir():  # "out/clip" with out/ here is local
             return load_clip(download(str(path)), act=act)
         raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id like 'org/name')")
     if p.is_file():

@@ -52,6 +52,8 @@ def _read(src) -> tuple[str, bytes]:
     """The name to report and the encoded bytes of a path, bytes or file object."""
     if isinstance(src, (str, os.PathLike)):
         name, path = str(src), Path(src)
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image file")
         if not path.is_file():
             raise ImageError(f"{name}: no such file")
         try:

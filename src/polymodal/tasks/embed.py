@@ -150,13 +150,18 @@ class Embedder:
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
-    def classify(self, images, labels: Sequence[str], template: str = "a photo of a {}.",
-                 *, progress: bool = False) -> list[list[tuple[str, float]]]:
-        """Zero-shot classification: for each image, (label, probability) best first."""
+    def zero_shot(self, image_embeds: np.ndarray, labels: Sequence[str],
+                  template: str = "a photo of a {}.") -> list[list[tuple[str, float]]]:
+        """Zero-shot classification (CLIP section 3.1.2): each label becomes a caption through
+        the template; for each image, (label, probability) best first."""
         if not labels:
-            raise ValueError("classify needs at least one label")
+            raise ValueError("zero-shot classification needs at least one label")
         if "{}" not in template:
             raise ValueError(f"template {template!r} has no '{{}}' for the label")
-        text = self.encode_text([template.format(label) for label in labels])
-        p = self.probs(self.encode_image(images, progress=progress), text)
+        p = self.probs(image_embeds, self.encode_text([template.format(label) for label in labels]))
         return [sorted(zip(labels, map(float, row), strict=True), key=lambda x: -x[1]) for row in p]
+
+    def classify(self, images, labels: Sequence[str], template: str = "a photo of a {}.",
+                 *, progress: bool = False) -> list[list[tuple[str, float]]]:
+        """`zero_shot` from images (paths, bytes, PIL); the first bad image raises ImageError."""
+        return self.zero_shot(self.encode_image(images, progress=progress), labels, template)

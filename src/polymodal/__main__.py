@@ -1,0 +1,5 @@
+"""`python -m polymodal ...` (and so `torchrun ... -m polymodal ...`)."""
+
+from polymodal.cli import main
+
+main()
