@@ -198,3 +198,67 @@ def preset(name: str):
     if not path.is_file():
         raise ConfigError(f"no preset {name!r}; known: {', '.join(list_models())}")
     return config_from_dict(json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class LMConfig(_Config):
+    """A decoder-only causal language model, pre-norm or post-norm, in one of two families.
+
+    "opt" (Zhang et al. 2022): learned positions (offset by 2), LayerNorm, ReLU MLP, biases,
+    optional `embed_proj_dim` projections around the stack. "llama" (Touvron et al. 2023):
+    rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2 adds a bias to
+    q, k and v: `qkv_bias=True, out_bias=False`).
+    """
+
+    family: Literal["opt", "llama"] = "llama"
+    vocab_size: int = 32000
+    width: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int | None = None  # None: as many as heads
+    head_dim: int | None = None  # None: width // heads
+    mlp_dim: int = 11008
+    act: str = "swiglu"
+    norm_eps: float = 1e-6
+    pre_norm: bool = True  # OPT-350m is post-norm (and then has no final norm)
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    embed_proj_dim: int | None = None  # OPT's word_embed_proj_dim when it differs from width
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "lm"
+
+    def __post_init__(self):
+        if self.family not in ("opt", "llama"):
+            raise ConfigError(f"LMConfig: unknown family {self.family!r}; known: opt, llama")
+        if self.head_dim is None and self.width % self.heads:
+            raise ConfigError(f"LMConfig: width {self.width} cannot be split into {self.heads} heads")
+        if self.heads % (self.kv_heads or self.heads):
+            raise ConfigError(f"LMConfig: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def norm(self) -> str:
+        return "layer" if self.family == "opt" else "rms"
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.width // self.heads
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (and of `inputs_embeds`)."""
+        return self.embed_proj_dim or self.width
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+
+CONFIGS["lm"] = LMConfig

@@ -43,6 +43,11 @@ class KVCache:
         self.lengths[layer] = start + new
         return self.k[layer][:, :, :start + new], self.v[layer][:, :, :start + new]
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,) of every layer, in that order: beam search's reshuffle."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
 
 class Attention(nn.Module):
     """Multi-head attention over `x`, or over `context` when given (cross-attention).

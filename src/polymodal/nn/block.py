@@ -19,11 +19,11 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, act: str = "gelu", norm: str = "layer",
                  eps: float = 1e-5, pre_norm: bool = True, kv_heads: int | None = None,
                  head_dim: int | None = None, cross_dim: int | None = None, bias: bool = True,
-                 mlp_bias: bool | None = None):
+                 mlp_bias: bool | None = None, out_bias: bool | None = None):
         super().__init__()
         self.pre_norm = pre_norm
         self.norm1 = make_norm(norm, dim, eps)
-        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, head_dim=head_dim, bias=bias, out_bias=out_bias)
         if cross_dim is not None:
             self.norm_x = make_norm(norm, dim, eps)
             self.xattn = Attention(dim, heads, head_dim=head_dim, context_dim=cross_dim, bias=bias, cross=True)
