@@ -1,0 +1,139 @@
+"""Decoder-only causal language models: the frozen LLM that BLIP-2 and Flamingo prompt.
+
+Two families, one stack of `Block`s (Radford et al. 2018's decoder-only transformer):
+  - OPT (Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models"): learned
+    positions offset by 2, LayerNorm, ReLU MLP, biases, optional project_in / project_out
+    around the stack when the embeddings are narrower than the model (OPT-350m);
+  - Llama (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"):
+    rotary positions (Su et al. 2021), RMSNorm, SwiGLU, grouped-query attention
+    (Ainslie et al. 2023), no biases; Qwen2 is Llama with a bias on q, k and v.
+
+Positions come from the attention mask (cumsum - 1), so a left-padded batch and a continuation
+from a KV cache place every real token where `transformers` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import LMConfig
+from polymodal.nn import Block, KVCache, make_norm
+from polymodal.nn.rope import RotaryEmbedding
+
+# OPT's learned position table starts 2 rows in (fairseq kept rows 0-1 for padding).
+OPT_POSITION_OFFSET = 2
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, T, vocab_size)
+    loss: Tensor | None = None  # next-token cross-entropy when targets are given
+
+
+class DecoderLM(nn.Module):
+    """embed -> [project_in] -> (+ positions | RoPE in attention) -> blocks -> [norm] -> [project_out] -> head"""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, e = cfg.width, cfg.embed_dim
+        self.token_embed = nn.Embedding(cfg.vocab_size, e)
+        self.project_in = nn.Linear(e, w, bias=False) if e != w else None
+        if cfg.family == "opt":
+            self.pos_embed = nn.Embedding(cfg.max_positions + OPT_POSITION_OFFSET, w)
+            self.rope = None
+        else:
+            self.pos_embed = None
+            self.rope = RotaryEmbedding(cfg.head_size, cfg.rope_theta)
+        self.blocks = nn.ModuleList(
+            Block(w, cfg.heads, cfg.mlp_dim, act=cfg.act, norm=cfg.norm, eps=cfg.norm_eps,
+                  pre_norm=cfg.pre_norm, kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                  bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias)
+            for _ in range(cfg.layers)
+        )
+        # a post-norm stack (OPT-350m) ends normalised already
+        self.norm_final = make_norm(cfg.norm, w, cfg.norm_eps) if cfg.pre_norm else None
+        self.project_out = nn.Linear(w, e, bias=False) if e != w else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(e, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids (B, T) -> (B, T, embed_dim): the space `inputs_embeds` (and soft prompts) live in."""
+        return self.token_embed(ids)
+
+    def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        p = self.token_embed.weight
+        return KVCache(self.cfg.layers, batch, self.cfg.kv_heads or self.cfg.heads, max_len, self.cfg.head_size,
+                       dtype=dtype or p.dtype, device=device or p.device)
+
+    @staticmethod
+    def positions(attention_mask: Tensor | None, past: int, B: int, T: int, device: torch.device) -> Tensor:
+        """(B, T) position ids of the new tokens: counted over real tokens only, so left padding
+        does not shift them; padding itself gets position 0 (it is never attended to)."""
+        if attention_mask is None:
+            return torch.arange(past, past + T, device=device).expand(B, T)
+        pos = attention_mask.long().cumsum(-1) - 1  # (B, past + T)
+        return pos.clamp(min=0)[:, past:]
+
+    @staticmethod
+    def _mask(attention_mask: Tensor, T: int) -> Tensor | None:
+        """(B, past + T) with 1 = real token -> boolean (B, 1, T, past + T) key mask, or None when
+        nothing is padded. A padding query sees every key instead of none, so no softmax row is
+        empty (an empty row gives NaN, which would leak through the masked values)."""
+        if bool(attention_mask.all()):
+            return None
+        keep = attention_mask.bool()
+        return keep[:, None, None, :] | ~keep[:, None, -T:, None]  # (B, 1, T, past + T)
+
+    def forward(self, ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                targets: Tensor | None = None, positions: Tensor | None = None,
+                eager: bool = False) -> LMOutput:
+        """ids (B, T), or inputs_embeds (B, T, embed_dim) such as soft visual prompts.
+
+        attention_mask (B, past + T): 1 = real token, 0 = (left) padding, covering the cached
+        positions too. targets (B, T): the ids themselves, -100 where no loss is wanted; the
+        loss predicts targets[:, t + 1] from position t. positions (B, T) overrides the ids
+        computed from the mask.
+        """
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of ids and inputs_embeds")
+        x = self.embed(ids) if inputs_embeds is None else inputs_embeds  # (B, T, embed_dim)
+        B, T, _ = x.shape
+        past = cache.length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if self.pos_embed is not None and past + T > self.cfg.max_positions:
+            raise ValueError(f"{past + T} positions exceed the model's {self.cfg.max_positions}")
+        if positions is None:
+            positions = self.positions(attention_mask, past, B, T, x.device)  # (B, T)
+
+        if self.project_in is not None:
+            x = self.project_in(x)  # (B, T, width)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + OPT_POSITION_OFFSET)
+        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        mask = self._mask(attention_mask, T) if attention_mask is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, causal=True, cache=cache, layer=i, rope=rope, eager=eager)
+        if self.norm_final is not None:
+            x = self.norm_final(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, embed_dim)
+        head = self.token_embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head)  # (B, T, vocab_size)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return LMOutput(logits=logits, loss=loss)
