@@ -1,0 +1,77 @@
+"""Evaluating a shared space: zero-shot classification and cross-modal retrieval.
+
+Zero-shot (Radford et al. 2021, section 3.1.4): each class name goes through several prompt
+templates; the class embedding is the mean of the L2-normalised template embeddings,
+normalised again (prompt ensembling); an image is assigned its most similar class.
+Retrieval: recall@k, image->text (any of the image's captions in the top k) and
+text->image (the caption's image in the top k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from polymodal.tasks.embed import Embedder
+
+TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
+
+
+def class_embeddings(embedder: Embedder, classes: Sequence[str], templates: Sequence[str] = TEMPLATES) -> np.ndarray:
+    """(C, D): prompt-ensembled, L2-normalised class embeddings."""
+    texts = [t.format(c) for c in classes for t in templates]
+    e = embedder.encode_text(texts).reshape(len(classes), len(templates), -1)  # (C, T, D)
+    mean = e.mean(axis=1)  # (C, D)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+@dataclass
+class ZeroShotResult:
+    accuracy: float
+    per_class: dict[str, float]
+    confusion: np.ndarray  # (C, C): row = true class, column = predicted
+    classes: list[str]
+    predictions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "per_class": self.per_class, "classes": self.classes,
+                "confusion": self.confusion.tolist()}
+
+
+def zero_shot(embedder: Embedder, image_embeds: np.ndarray, labels: Sequence[str],
+              classes: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES) -> ZeroShotResult:
+    """Accuracy of assigning each image (its embedding) to the nearest class embedding."""
+    classes = sorted(set(labels)) if classes is None else list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels not among the classes: {unknown[:5]}")
+    pred = (image_embeds @ class_embeddings(embedder, classes, templates).T).argmax(axis=1)  # (N,)
+    true = np.array([index[label] for label in labels])
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (true, pred), 1)
+    per_class = {c: float(confusion[i, i] / confusion[i].sum()) for i, c in enumerate(classes) if confusion[i].sum()}
+    return ZeroShotResult(accuracy=float((pred == true).mean()), per_class=per_class, confusion=confusion,
+                          classes=classes, predictions=[classes[p] for p in pred])
+
+
+def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: Sequence[int],
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """text_image[j]: the index of text j's image. Returns image->text and text->image R@k."""
+    text_image = np.asarray(text_image)
+    sim = image_embeds @ text_embeds.T  # (N_img, N_txt)
+    out = {}
+    # text -> image: the rank of the right image among all images, for each text
+    right = sim[text_image, np.arange(len(text_image))]  # (N_txt,)
+    t2i_rank = (sim > right[None, :]).sum(axis=0)  # (N_txt,) images scoring strictly higher
+    # image -> text: the best rank among the image's own captions
+    i2t_rank = np.full(len(image_embeds), np.iinfo(np.int64).max)
+    for j, i in enumerate(text_image):
+        i2t_rank[i] = min(i2t_rank[i], int((sim[i] > sim[i, j]).sum()))
+    has_text = i2t_rank < np.iinfo(np.int64).max
+    for k in ks:
+        out[f"text_to_image_R@{k}"] = float((t2i_rank < k).mean())
+        out[f"image_to_text_R@{k}"] = float((i2t_rank[has_text] < k).mean())
+    return out

@@ -1,0 +1,210 @@
+"""The contrastive trainer: one flat loop, from one CPU to many GPUs under torchrun.
+
+    out/                      a run directory
+      train_config.json       the TrainConfig it ran with
+      config.json, model.safetensors, tokenizer*   the latest weights: polymodal.load(out) reads them
+      state.pt                optimizer, step, data position and RNG: what resume needs
+      metrics.jsonl           one line per logged step
+
+AdamW with weight decay on weights with p.dim() >= 2, linear warmup then cosine decay,
+a learning rate per part where 0 freezes it (LiT: Zhai et al. 2022), gradient clipping,
+bf16 autocast on GPUs, GradCache accumulation, checkpoints written atomically so a kill
+at any moment leaves the last complete one, and resume that continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from polymodal.checkpoints.pretrained import load_clip, save_pretrained
+from polymodal.config import CLIPConfig, config_from_dict, preset
+from polymodal.models.clip import CLIP
+from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer
+from polymodal.train.accumulate import accumulated_backward
+from polymodal.train.config import TrainConfig
+from polymodal.train.distributed import init_from_env, is_dist, is_main, rank, unwrap, world_size
+from polymodal.train.losses import ClipLoss, clamp_logit_scale_, total_loss
+
+
+def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
+    """Linear warmup to `base` over cfg.warmup steps, then cosine decay to cfg.min_lr."""
+    if step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_model(cfg: TrainConfig) -> tuple[CLIP, Tokenizer]:
+    if cfg.init:
+        return load_clip(cfg.init)
+    if cfg.model.endswith(".json"):
+        model_cfg = config_from_dict(json.loads(Path(cfg.model).read_text()))
+    else:
+        model_cfg = preset(cfg.model)
+    if not isinstance(model_cfg, CLIPConfig):
+        raise ValueError(f"{cfg.model}: not a CLIP config")
+    return CLIP(model_cfg), clip_tokenizer(context_length=model_cfg.text.context_length)
+
+
+def param_groups(model: CLIP, cfg: TrainConfig) -> list[dict]:
+    """Per part (image tower, text tower, head) and per decay: AdamW's groups. A part whose
+    learning rate is 0 is frozen: requires_grad off, not in any group."""
+    lrs = {"image": cfg.lr_image, "text": cfg.lr_text, "head": cfg.lr_head}
+    lrs = {part: cfg.lr if lr is None else lr for part, lr in lrs.items()}
+    if cfg.freeze != "none":
+        lrs[cfg.freeze] = 0.0
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        part = "image" if name.startswith("visual.") else "text" if name.startswith("text.") else "head"
+        if lrs[part] == 0:
+            p.requires_grad_(False)
+            continue
+        groups.setdefault((part, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "base_lr": lrs[part], "lr": lrs[part], "name": f"{part}{'' if decay else '-no-decay'}",
+             "weight_decay": cfg.weight_decay if decay else 0.0} for (part, decay), ps in groups.items()]
+
+
+def _rng_state() -> dict:
+    """Every generator's state, in types `torch.load(weights_only=True)` accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(out: Path, model: CLIP, tokenizer: Tokenizer, optimizer, step: int, data_state: dict) -> None:
+    """Weights in our format, then the training state, each file written under a temporary
+    name and renamed: a kill leaves either the old or the new file, never half of one."""
+    tmp = out / ".tmp-weights"
+    save_pretrained(model, tmp, tokenizer)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    state = {"step": step, "optimizer": optimizer.state_dict(), "data": data_state, "rng": _rng_state(),
+             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    torch.save(state, out / "state.pt.tmp")
+    os.replace(out / "state.pt.tmp", out / "state.pt")  # the commit point
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run logged after its last checkpoint: they will be redone."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train (or resume, when `out` holds a state.pt) and return the last metrics."""
+    from polymodal.data.augment import AugmentConfig
+    from polymodal.data.loader import TrainStream
+
+    out = Path(out)
+    device = init_from_env()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model, tokenizer = build_model(cfg)
+    model.to(device).train()
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
+    start, data_state = 0, None
+    if (out / "state.pt").is_file():  # resume
+        state = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, data_state = state["step"], state["data"]
+        _set_rng_state(state["rng"])
+        _truncate_metrics(out / "metrics.jsonl", start)
+    if is_main():
+        cfg.save(out / "train_config.json")
+
+    if cfg.batch_size % (world_size() * cfg.accum):
+        raise ValueError(f"batch_size {cfg.batch_size} does not split into {world_size()} ranks x {cfg.accum} micro-batches")
+    local_batch = cfg.batch_size // world_size()
+    stream = TrainStream(cfg.data, transform=model.cfg.image_transform, tokenizer=tokenizer,
+                         batch_size=local_batch, seed=cfg.seed, rank=rank(), world_size=world_size(),
+                         workers=cfg.workers, augment=AugmentConfig() if cfg.augment else None,
+                         split=cfg.split, start=data_state)
+    batches = iter(stream)
+    net = model
+    if is_dist() and cfg.accum == 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_fn = ClipLoss(local_loss=cfg.local_loss)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and device.type == "cuda"
+                else nullcontext())
+
+    bar = _progress_bar(cfg.steps, start) if progress and is_main() else None
+    metrics: dict = {}
+    t0, samples, skipped = time.perf_counter(), 0, 0
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, group["base_lr"])
+        batch = next(batches)
+        pixels, ids, mask = (batch[k].to(device) for k in ("pixels", "input_ids", "attention_mask"))
+        with autocast:
+            if cfg.accum > 1:
+                terms = accumulated_backward(net, loss_fn, pixels.chunk(cfg.accum), ids.chunk(cfg.accum),
+                                             mask.chunk(cfg.accum))
+            else:
+                output = net(pixels, ids, mask)
+                terms = loss_fn(output.image_embeds, output.text_embeds, unwrap(net).logit_scale)
+                total_loss(terms).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale_(model)
+        samples += pixels.shape[0] * world_size()
+        skipped += int(batch.get("skipped", 0))
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            metrics = {"step": done, "loss": total_loss(terms).item(), "lr": optimizer.param_groups[0]["lr"],
+                       "logit_scale": terms["logit_scale"].item(), "grad_norm": grad_norm.item(),
+                       "samples_per_s": samples / elapsed, "skipped": skipped}
+            if is_main():
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            t0, samples = time.perf_counter(), 0
+        if (done % cfg.save_every == 0 or done == cfg.steps) and is_main():
+            save_checkpoint(out, model, tokenizer, optimizer, done, stream.state_dict())
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=done, info=f"loss {metrics['loss']:.3f}" if metrics else "")
+        if on_step is not None:
+            on_step(done, metrics)
+    if bar is not None:
+        bar.stop()
+    return metrics
+
+
+def _progress_bar(total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn())
+    bar.add_task("train", total=total, completed=start, info="")
+    bar.start()
+    return bar
