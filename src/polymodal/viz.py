@@ -365,3 +365,41 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box, dash: int = 8) -> None:
                 seg = (t, at, e, at) if horizontal else (at, t, at, e)
                 draw.line(seg, fill=colour, width=w)
             t += 2 * dash
+
+
+def draw_curves(rows: Sequence[dict], keys: Sequence[str], title: str = "", width: int = 900,
+                panel_height: int = 220) -> Image.Image:
+    """Training curves: one panel per metric, step on the x axis, min/max labelled."""
+    pad, left = 16, 70
+    head = 40 if title else pad
+    img = Image.new("RGB", (width, head + len(keys) * (panel_height + pad)), BG)
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((pad, 10), fit(draw, title, font(18), width - 2 * pad), fill=INK, font=font(18))
+    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    for n, key in enumerate(keys):
+        y0 = head + n * (panel_height + pad)
+        box = (left, y0 + 22, width - pad, y0 + panel_height - 18)  # the plot area
+        draw.text((pad, y0), key, fill=INK, font=font(15))
+        values = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+        ok = np.isfinite(values)
+        draw.rectangle(box, outline=MUTED)
+        if not ok.any():
+            continue
+        lo, hi = values[ok].min(), values[ok].max()
+        span = hi - lo or 1.0
+        s_lo, s_hi = steps.min(), steps.max()
+        xs = box[0] + (steps - s_lo) / ((s_hi - s_lo) or 1.0) * (box[2] - box[0])
+        ys = box[3] - (values - lo) / span * (box[3] - box[1])
+        points = [(float(x), float(y)) for x, y, k in zip(xs, ys, ok, strict=True) if k]
+        if len(points) > 1:
+            draw.line(points, fill=tuple(int(c) for c in viridis(np.array(0.3))), width=2)
+        else:
+            draw.ellipse((points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3), fill=INK)
+        small = font(12)
+        draw.text((pad, box[1]), f"{hi:.4g}", fill=MUTED, font=small)
+        draw.text((pad, box[3] - 14), f"{lo:.4g}", fill=MUTED, font=small)
+        draw.text((box[0], box[3] + 2), f"step {int(s_lo)}", fill=MUTED, font=small)
+        last = f"step {int(s_hi)}"
+        draw.text((box[2] - text_size(draw, last, small)[0], box[3] + 2), last, fill=MUTED, font=small)
+    return img

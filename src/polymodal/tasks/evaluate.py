@@ -75,3 +75,28 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: S
         out[f"text_to_image_R@{k}"] = float((t2i_rank < k).mean())
         out[f"image_to_text_R@{k}"] = float((i2t_rank[has_text] < k).mean())
     return out
+
+
+def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", label_key: str | None = "category",
+                    templates: Sequence[str] = TEMPLATES, progress: bool = False, on_error=None) -> dict:
+    """Retrieval over every image and caption of a split of a folder data set and, when its
+    records carry `label_key`, zero-shot accuracy over the labels found. Bad images are
+    skipped (reported to `on_error`) and counted."""
+    from polymodal.data.pairs import PairDataset
+
+    data = PairDataset(root, split=split)
+    images = data.images()
+    result = embedder.embed_images([str(p) for p in images], progress=progress, on_error=on_error)
+    position = {data.images()[i].relative_to(data.root).as_posix(): n for n, i in enumerate(result.ok)}
+    pairs = [p for p in data.pairs if p.image in position]
+    text_embeds = embedder.encode_text([p.text for p in pairs], progress=progress)
+    report: dict = {"images": len(result.ok), "texts": len(pairs), "skipped": len(result.errors),
+                    "retrieval": recall_at_k(result.vectors, text_embeds, [position[p.image] for p in pairs])}
+    labels: dict[str, str] = {}
+    for p in pairs:
+        if label_key and label_key in p.meta:
+            labels.setdefault(p.image, str(p.meta[label_key]))
+    if labels and len(labels) == len(position):
+        ordered = sorted(position, key=position.get)
+        report["zero_shot"] = zero_shot(embedder, result.vectors, [labels[i] for i in ordered], templates=templates)
+    return report

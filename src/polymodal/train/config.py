@@ -5,43 +5,48 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+
+def opt(default, help: str):
+    """A field with its help text: the CLI shows it (`polymodal train clip --help`)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    model: str = "tiny"  # a preset name (polymodal.list_models()) or a model config .json
-    init: str | None = None  # start from this checkpoint (any layout polymodal.load reads)
-    freeze: Literal["none", "text", "image"] = "none"  # LiT: lock a pretrained tower
+    model: str = opt("tiny", "a preset name (polymodal.list_models()) or a model config .json")
+    init: str | None = opt(None, "start from this checkpoint (any layout polymodal.load reads)")
+    freeze: Literal["none", "text", "image"] = opt("none", "LiT: lock a pretrained tower")
     # data
-    data: str = ""  # a folder with captions.jsonl / .csv, or shards (dir, glob, {000..009}.tar)
-    split: str | None = "train"  # records with a "split" field: train on this one
-    augment: bool = True
-    workers: int = 0
+    data: str = opt("", "a folder with captions.jsonl / .csv, or shards (dir, glob, {000..009}.tar)")
+    split: str | None = opt("train", "train on the records of this split (when records have one)")
+    augment: bool = opt(True, "random resized crops and colour jitter (no flips: captions say left/right)")
+    workers: int = opt(0, "data loader worker processes (decoding and preprocessing)")
     # optimisation
-    batch_size: int = 64  # global batch: the negatives of the contrastive loss
-    accum: int = 1  # micro-batches per step (GradCache: same gradients as the full batch)
-    steps: int = 1000
-    lr: float = 5e-4
-    lr_image: float | None = None  # per-part learning rates; None: `lr`, 0: frozen
-    lr_text: float | None = None
-    lr_head: float | None = None  # projections and logit_scale
-    weight_decay: float = 0.2  # on weights with p.dim() >= 2 only
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup: int = 100
-    min_lr: float = 0.0  # the cosine ends here
-    grad_clip: float = 1.0  # 0: off
-    local_loss: bool = False
+    batch_size: int = opt(64, "global batch: the negatives of the contrastive loss")
+    accum: int = opt(1, "micro-batches per step (GradCache: same gradients as the full batch)")
+    steps: int = opt(1000, "optimizer steps in all")
+    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+    lr_image: float | None = opt(None, "image tower learning rate (default: --lr; 0 freezes it)")
+    lr_text: float | None = opt(None, "text tower learning rate (default: --lr; 0 freezes it)")
+    lr_head: float | None = opt(None, "projections and logit_scale learning rate (default: --lr)")
+    weight_decay: float = opt(0.2, "on weights with p.dim() >= 2 only")
+    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
+    eps: float = opt(1e-6, "AdamW epsilon")
+    warmup: int = opt(100, "linear warmup steps before the cosine decay")
+    min_lr: float = opt(0.0, "the cosine ends here")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    local_loss: bool = opt(False, "under torchrun, each rank scores its own rows against the global batch")
     # machinery
-    seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast is for GPUs; this CPU has no fast bf16
-    compile: bool = False
-    save_every: int = 100
-    log_every: int = 10
+    seed: int = opt(0, "seeds weights, data order and augmentation")
+    precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast is for GPUs; this CPU has no fast bf16")
+    compile: bool = opt(False, "torch.compile the model")
+    save_every: int = opt(100, "write a resumable checkpoint every N steps (and at the end)")
+    log_every: int = opt(10, "append a line to metrics.jsonl every N steps")
 
     def __post_init__(self):
         if self.batch_size % self.accum:

@@ -90,7 +90,7 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(out: Path, model: CLIP, tokenizer: Tokenizer, optimizer, step: int, data_state: dict) -> None:
+def save_checkpoint(out: Path, model: CLIP, tokenizer: Tokenizer, optimizer, step: int, data_state: list[dict]) -> None:
     """Weights in our format, then the training state, each file written under a temporary
     name and renamed: a kill leaves either the old or the new file, never half of one."""
     tmp = out / ".tmp-weights"
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train (or resume, when `out` holds a state.pt) and return the last metrics."""
     from polymodal.data.augment import AugmentConfig
-    from polymodal.data.loader import TrainStream
+    from polymodal.data.loader import TrainStream, gather_states
 
     out = Path(out)
     device = init_from_env()
@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     model, tokenizer = build_model(cfg)
     model.to(device).train()
     groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, foreach=True)
     start, data_state = 0, None
     if (out / "state.pt").is_file():  # resume
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
@@ -189,14 +189,17 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             t0, samples = time.perf_counter(), 0
-        if (done % cfg.save_every == 0 or done == cfg.steps) and is_main():
-            save_checkpoint(out, model, tokenizer, optimizer, done, stream.state_dict())
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            data_states = gather_states(stream)  # a collective: every rank's data position
+            if is_main():
+                save_checkpoint(out, model, tokenizer, optimizer, done, data_states)
         if bar is not None:
             bar.update(bar.task_ids[0], completed=done, info=f"loss {metrics['loss']:.3f}" if metrics else "")
         if on_step is not None:
             on_step(done, metrics)
     if bar is not None:
         bar.stop()
+    stream.close()
     return metrics
 
 

@@ -1,89 +1,14 @@
-"""The `polymodal` command line: a thin group of subcommands over the library.
-
-Every command takes `--json` (exactly one JSON document on stdout). A bad input is one line
-on stderr and exit code 2; a batch skips its bad images, names each on stderr and exits 0
-if at least one image worked.
-"""
+"""Commands over the shared space: patches, preprocess, embed, similarity, classify, convert, demo."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 from pathlib import Path
 
 import typer
 
-from polymodal.checkpoints.state import CheckpointError
+from polymodal.cli import IMAGES, JSON, MODEL, TEXTS, _console, _emit, _progress, command, say
 from polymodal.config import ImageTransformConfig
 from polymodal.processing.image import ImageError, load_image
-from polymodal.tasks.embed import TextError
-
-app = typer.Typer(
-    help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
-)
-
-# What bad input raises (ImageError, TextError, CheckpointError are ValueErrors; OSError covers a
-# missing file and an --out that cannot be written).
-USER_ERRORS = (ImageError, TextError, CheckpointError, ValueError, OSError)
-MODEL = typer.Option(
-    ...,
-    "--model",
-    "-m",
-    help="Checkpoint: a polymodal or transformers CLIP directory, OpenCLIP weights, or a hub id.",
-)
-IMAGES = typer.Option(
-    None,
-    "--image",
-    "-i",
-    help="An image file; repeat the flag for more: "
-    "--image a.png --image b.png (a bad image is skipped and named on stderr).",
-)
-TEXTS = typer.Option(
-    None, "--text", "-t", help="A text; repeat the flag for more: --text 'a cat' --text 'a dog'."
-)
-JSON = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
-
-
-def say(message: str) -> None:
-    """One line on stderr, whatever the terminal width."""
-    typer.echo(" ".join(str(message).split()), err=True)
-
-
-def command(fn):
-    """Register `fn`, turning the errors of bad input into one stderr line and exit code 2."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            filename = getattr(e, "filename", None)  # an OSError: "path: Permission denied"
-            say(f"error: {filename}: {e.strerror}" if filename and e.strerror else f"error: {e}")
-            raise typer.Exit(2) from None
-
-    return app.command()(run)
-
-
-@app.callback()
-def _setup() -> None:
-    import rich
-
-    rich.reconfigure(stderr=True)  # progress bars go to stderr, so stdout stays clean for --json
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def _emit(doc: dict) -> None:
-    typer.echo(json.dumps(doc))
 
 
 def _load(model: str):
@@ -365,9 +290,3 @@ def demo(
     typer.echo("wrote:\n" + "\n".join(f"  {p}" for p in report["files"]))
 
 
-def main() -> None:
-    app(prog_name="polymodal")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,149 @@
+"""The trainer end to end: it learns, it resumes after a kill on the same curve, LiT freezes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import polymodal
+from polymodal.config import CLIPConfig, ImageTransformConfig, TextConfig, VisionConfig, save_config
+from polymodal.tasks.evaluate import evaluate_folder
+from polymodal.train.config import TrainConfig
+from polymodal.train.trainer import train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (235, 210, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw(colour, shape, rng, size=32):
+    bg = tuple(int(v) for v in rng.integers(150, 256, 3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    r = int(rng.integers(7, 13))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+    return im
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    """Coloured shapes at random places on random light backgrounds; test images are new draws."""
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for split, per_class in (("train", 24), ("test", 4)):
+        for colour in COLOURS:
+            for shape in SHAPES:
+                for k in range(per_class):
+                    name = f"images/{split}-{colour}-{shape}-{k}.png"
+                    draw(colour, shape, rng).save(root / name)
+                    for text in (f"a {colour} {shape}", f"a picture of a {colour} {shape}"):
+                        lines.append({"image": name, "text": text, "split": split, "category": f"{colour} {shape}"})
+    (root / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128),
+                       text=TextConfig(context_length=16, width=64, layers=2, heads=4, mlp_dim=128),
+                       embed_dim=64, image_transform=ImageTransformConfig(size=32, resize=32))
+    save_config(model, root / "model.json")
+    return root
+
+
+def config(data, **changes):
+    base = TrainConfig(model=str(data / "model.json"), data=str(data), batch_size=32, steps=150, lr=2e-3,
+                       warmup=10, weight_decay=0.05, save_every=50, log_every=10, seed=0)
+    return base.replace(**changes)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_clip_learns_and_the_run_loads(shapes_data, tmp_path):
+    run = tmp_path / "run"
+    train(config(shapes_data, steps=120, lr=1e-3, augment=False), run, progress=False)
+    losses = [m["loss"] for m in read_metrics(run)]
+    # 12 classes in a batch of 32 repeat captions, which puts the loss floor near 1.3
+    assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
+    model = polymodal.load(run)  # the run directory is a checkpoint
+    report = evaluate_folder(model, shapes_data, split="test")
+    chance = 1 / (len(COLOURS) * len(SHAPES))
+    assert report["zero_shot"].accuracy >= 4 * chance, report["zero_shot"].per_class
+    assert report["retrieval"]["text_to_image_R@10"] > 3 * 10 / report["images"]
+
+
+def test_resume_after_a_crash_continues_the_same_curve(shapes_data, tmp_path):
+    cfg = config(shapes_data, steps=12, save_every=4, log_every=1, warmup=3)
+    train(cfg, tmp_path / "whole", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_6(step, metrics):
+        if step == 6:  # steps 5 and 6 are logged but not checkpointed: they must be redone
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed", progress=False, on_step=crash_at_6)
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4, 5, 6]
+    train(cfg, tmp_path / "resumed", progress=False)
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]  # bit for bit
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(shapes_data, tmp_path):
+    """A real SIGKILL at an arbitrary moment after the first checkpoint."""
+    args = ["--model", str(shapes_data / "model.json"), "--data", str(shapes_data), "--batch-size", "32",
+            "--steps", "30", "--save-every", "3", "--log-every", "1", "--warmup", "3", "--lr", "2e-3",
+            "--no-progress"]
+    cmd = [sys.executable, "-m", "polymodal", "train", "clip", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
+    assert killed_at < 30, "the run finished before it could be killed; make it longer"
+    subprocess.run([*cmd, "--out", str(run)], check=True, env=env, capture_output=True, timeout=300)
+    assert [m["loss"] for m in read_metrics(run)] == [m["loss"] for m in read_metrics(tmp_path / "whole")]
+
+
+def test_lit_freezes_the_text_tower(shapes_data, tmp_path):
+    first = tmp_path / "first"
+    train(config(shapes_data, steps=2, log_every=1), first, progress=False)
+    before = load_file(first / "model.safetensors")
+    lit = tmp_path / "lit"
+    train(config(shapes_data, init=str(first), freeze="text", steps=5, log_every=1), lit, progress=False)
+    after = load_file(lit / "model.safetensors")
+    text_keys = [k for k in before if k.startswith("text.")]
+    assert text_keys and all(torch.equal(before[k], after[k]) for k in text_keys)
+    assert not torch.equal(before["visual.patch_embed.proj.weight"], after["visual.patch_embed.proj.weight"])
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        TrainConfig(batch_size=30, accum=4)
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
