@@ -147,3 +147,32 @@ def test_bad_configs_are_refused():
         TrainConfig(batch_size=30, accum=4)
     with pytest.raises(ValueError, match="unknown field"):
         TrainConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
+
+
+def test_cli_shards_then_train_on_them_then_eval_and_plot(shapes_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from polymodal.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["shards", str(shapes_data), str(tmp_path / "shards"), "--per-shard", "200", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["shards"]) == 4  # 672 pairs (train and test) / 200
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "clip", "--model", str(shapes_data / "model.json"), "--data",
+                              str(tmp_path / "shards"), "--out", str(run), "--steps", "3", "--batch-size", "16",
+                              "--log-every", "1", "--no-augment", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["step"] == 3
+    assert json.loads((run / "train_config.json").read_text())["augment"] is False
+    res = runner.invoke(app, ["eval", "--model", str(run), "--data", str(shapes_data), "--json",
+                              "--confusion", str(tmp_path / "cm.png")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["images"] == 48 and 0 <= report["zero_shot"]["accuracy"] <= 1
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+    res = runner.invoke(app, ["plot-metrics", str(run), "--out", str(tmp_path / "curves.png")])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "curves.png").size[0] == 900
+    res = runner.invoke(app, ["train", "clip", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--data" in res.stderr

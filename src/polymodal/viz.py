@@ -214,6 +214,7 @@ def draw_similarity(
     col_labels: Sequence,
     images: Sequence[Image.Image] | None = None,
     title: str = "cosine similarity",
+    fmt: str = ".3f",
 ) -> Image.Image:
     """A heatmap of `matrix` (rows x cols): every value printed, rows labelled by thumbnail and file
     name, columns by (wrapped) text, a colour bar from the minimum to the maximum."""
@@ -273,7 +274,7 @@ def draw_similarity(
             centered(
                 draw,
                 (x0, y, x0 + cw, y + ch),
-                f"{m[i, j]:.3f}".replace("-0.000", "0.000"),
+                format(m[i, j], fmt).replace("-0.000", "0.000"),
                 value_font,
                 fill=ink,
             )
@@ -284,8 +285,8 @@ def draw_similarity(
     canvas.paste(Image.fromarray(ramp), (bx, by))
     draw.rectangle((bx - 1, by - 1, bx + bar_w, by + bh), outline=INK)
     small = font(12)
-    draw.text((bx + bar_w + 6, by), f"max\n{hi:.3f}", font=small, fill=INK, anchor="la")
-    draw.text((bx + bar_w + 6, by + bh), f"{lo:.3f}\nmin", font=small, fill=INK, anchor="ld")
+    draw.text((bx + bar_w + 6, by), f"max\n{format(hi, fmt)}", font=small, fill=INK, anchor="la")
+    draw.text((bx + bar_w + 6, by + bh), f"{format(lo, fmt)}\nmin", font=small, fill=INK, anchor="ld")
     return canvas
 
 

@@ -89,7 +89,8 @@ def evaluate(
         from polymodal.viz import draw_similarity
 
         zs = report["zero_shot"]
-        picture = draw_similarity(zs.confusion, zs.classes, zs.classes, None, "confusion (rows: true, cols: predicted)")
+        picture = draw_similarity(zs.confusion, zs.classes, zs.classes, None, "confusion (rows: true, cols: predicted)",
+                                  fmt=".0f")
         confusion.parent.mkdir(parents=True, exist_ok=True)
         picture.save(confusion)
     doc = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in report.items()}
@@ -124,3 +125,20 @@ def plot_metrics(
     if json_:
         return _emit({"out": str(out), "steps": len(rows), "keys": keys})
     typer.echo(f"{len(rows)} points of {', '.join(keys)} -> {out}")
+
+
+@command(name="shards")
+def shards(
+    src: Path = typer.Argument(..., help="A folder with captions.jsonl / .csv (or the captions file)."),
+    out: Path = typer.Argument(..., help="The folder to write 000000.tar, 000001.tar, ... into."),
+    per_shard: int = typer.Option(1000, "--per-shard", "-n", min=1, help="Samples (image-caption pairs) per shard."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the shuffle of samples across shards."),
+    json_: bool = JSON,
+) -> None:
+    """Write WebDataset-style tar shards (key.png + key.txt) from a folder data set; a rerun completes a killed run."""
+    from polymodal.data.shards import write_shards
+
+    written = write_shards(src, out, per_shard=per_shard, progress=_progress(), seed=seed)
+    if json_:
+        return _emit({"out": str(out), "shards": [str(p) for p in written]})
+    typer.echo(f"{len(written)} shards -> {out}")
