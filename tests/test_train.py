@@ -176,3 +176,22 @@ def test_cli_shards_then_train_on_them_then_eval_and_plot(shapes_data, tmp_path)
     assert Image.open(tmp_path / "curves.png").size[0] == 900
     res = runner.invoke(app, ["train", "clip", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--data" in res.stderr
+
+
+def test_torchrun_two_ranks_train_and_resume(shapes_data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m polymodal train clip` (gloo): ranks agree, rank 0
+    writes, and a second launch resumes every rank from its own data position."""
+    run = tmp_path / "ddp"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "polymodal", "train", "clip", "--model", str(shapes_data / "model.json"), "--data", str(shapes_data),
+            "--batch-size", "16", "--log-every", "1", "--save-every", "2", "--warmup", "2", "--no-progress",
+            "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for steps in ("2", "4"):
+        res = subprocess.run([*base, "--steps", steps], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # rank 0 alone logs
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert len(state["data"]) == 2  # one data position per rank
+    assert polymodal.load(run).encode_text(["a red circle"]).shape == (1, 64)
