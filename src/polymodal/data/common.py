@@ -1,0 +1,237 @@
+"""What the data-set builders share: the cache folder, fixed splits, atomic writes, the
+licence README, progress bars and the summary.
+
+A built data set is a folder the trainer reads:
+
+    out/
+      images/...                one file per picture (RGB PNG)
+      captions.jsonl            one line per (picture, caption): {"image": "images/x.png",
+                                "text": "...", "split": "train" | "test", ...metadata}
+      README.md                 what it holds, where it came from and under which licence
+
+Every builder is deterministic (same arguments, same bytes) and resumable: pictures are
+written atomically and skipped when they exist, captions.jsonl and README.md are rewritten
+atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+CAPTIONS = "captions.jsonl"
+CLIPS = "clips.jsonl"  # the clip sets' lines name `frames`, not an `image`, so the pair reader skips them
+BUILD = ".polymodal-build.json"
+# what npm and apt print when the registry cannot be reached
+OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ETIMEDOUT", "ECONNREFUSED", "ECONNRESET", "ENETUNREACH",
+           "Temporary failure resolving", "Could not resolve", "Failed to fetch", "Unable to connect",
+           "Network is unreachable", "network request")
+TEST_FRACTION = 0.1
+
+
+class SourceError(RuntimeError):
+    """A source could not be fetched or read; the message says what to do instead."""
+
+
+class SourceUnavailable(SourceError):
+    """The registry or tool holding a source cannot be reached (no network, no npm / apt)."""
+
+
+def check_build(out: Path, builder: str, params: dict) -> None:
+    """Refuse to resume into `out` a build whose pictures were made with other arguments;
+    record the arguments for the next run otherwise."""
+    record = {"builder": builder, **params}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BUILD
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != record:
+            raise ValueError(f"{out} holds a build made with {before}, not {record}: "
+                             "use another folder or delete this one")
+        return
+    write_atomic(path, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    """`cache`, else $POLYMODAL_CACHE, else ~/.cache/polymodal."""
+    if cache is None:
+        cache = os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal"
+    path = Path(cache).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for `key` (SHA-256; the same on every machine and run)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def split_of(key: str, *, salt: str, test_fraction: float = TEST_FRACTION) -> str:
+    """"test" for about `test_fraction` of keys, fixed by the key alone."""
+    return "test" if unit_hash(f"{salt}:{key}") < test_fraction else "train"
+
+
+def take(keys: Sequence[str], limit: int | None, is_test) -> list[str]:
+    """The first `limit` of `keys` (in their order) with both splits in proportion: about
+    TEST_FRACTION of them, at least one, from those where `is_test(key)`; all keys if no limit."""
+    if limit is None:
+        return list(keys)
+    test = [k for k in keys if is_test(k)]
+    n_test = min(len(test), max(1, round(limit * TEST_FRACTION))) if limit > 1 else 0
+    train = [k for k in keys if not is_test(k)][: max(0, limit - n_test)]
+    chosen = set(test[:n_test]) | set(train)
+    return [k for k in keys if k in chosen]
+
+
+def dedupe(texts: Iterable[str]) -> list[str]:
+    """Lower-case, squeeze spaces, drop empties and repeats; keep the first order."""
+    seen, out = set(), []
+    for text in texts:
+        text = " ".join(str(text).lower().split()).strip(" ,;:")
+        if text and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def article(phrase: str) -> str:
+    """'an eagle', 'a pumpkin', 'a user', 'buttons' (a plural, by its last letter), 'the flag
+    of chad' (kept)."""
+    if phrase.startswith(("a ", "an ", "the ")) or phrase[:1].isdigit():
+        return phrase
+    head = re.split(r" (?:with|of|in|on|and|for|from|at|under|over) ", phrase)[0]  # "face with ... eyes"
+    if head.endswith("s") and not head.endswith(("ss", "us", "is", "ys")):
+        return phrase
+    vowel = phrase[:1] in "aeiou" and not phrase.startswith(("uni", "use", "usu", "uti", "eu", "one"))
+    return ("an " if vowel or phrase.startswith(("hour", "honest", "honour", "heir")) else "a ") + phrase
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """An RGB PNG, written atomically; the same pixels always give the same bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    write_atomic(path, buffer.getvalue())
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """Composite transparency onto white and return RGB (what load_image would do)."""
+    if image.mode == "P" or image.mode in ("LA", "La", "PA", "RGBa") or "A" in image.getbands():
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    lines = (json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) for r in records)
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def track(items: Sequence, description: str, enabled: bool) -> Iterator:
+    """`items`, with a rich progress bar when `enabled`."""
+    if not enabled or not items:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def run_tool(args: Sequence[str], *, cwd: Path, what: str) -> subprocess.CompletedProcess:
+    """Run an external tool; a missing tool is SourceUnavailable, a failure SourceError."""
+    if shutil.which(args[0]) is None:
+        raise SourceUnavailable(f"{what}: `{args[0]}` is not installed")
+    done = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " ".join((done.stderr or done.stdout).split())[-600:]
+        error = SourceUnavailable if any(m in tail for m in OFFLINE) else SourceError
+        raise error(f"{what}: `{' '.join(args)}` failed (exit {done.returncode}): {tail}")
+    return done
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def summarise(records: Sequence[dict], *, by: Sequence[str] = ("category",)) -> dict:
+    """Counts of distinct images (or clips) per split and per metadata field, and captions."""
+    first: dict[str, dict] = {}
+    for r in records:
+        first.setdefault(r.get("image") or r["frames"][0], r)
+    summary = {
+        "images": len(first),
+        "captions": len(records),
+        "splits": dict(sorted(Counter(r["split"] for r in first.values()).items())),
+    }
+    for field in by:
+        counts = Counter(str(r.get(field)) for r in first.values())
+        summary[field] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return summary
+
+
+def write_readme(out: Path, *, title: str, about: str, sources: Sequence[dict], summary: dict,
+                 notes: Sequence[str] = (), layout: Sequence[str] | None = None) -> None:
+    """README.md: what the set holds, each source with its version and licence, and counts.
+
+    A source is {"name", "licence"} and optionally "version", "url", "terms" and "files".
+    The text depends only on its arguments, so a rerun writes the same bytes.
+    """
+    lines = [f"# {title}", "", about.strip(), "", "## Sources and licences", ""]
+    for s in sources:
+        version = f" {s['version']}" if s.get("version") else ""
+        url = f" <{s['url']}>" if s.get("url") else ""
+        lines.append(f"- **{s['name']}**{version}{url}: {s['licence']}.")
+        if s.get("terms"):
+            lines.append(f"  {s['terms']}")
+        if s.get("files"):
+            lines.append(f"  Files: {s['files']}")
+    lines += ["", "Generated captions and split assignments are part of polymodal (Apache-2.0); the "
+              "pictures keep the licence of their source above.", "", "## Layout", ""]
+    lines += [f"- {item}" for item in layout or (
+        f"`{CAPTIONS}`: one JSON object per line: `image` (path relative to this folder), `text` "
+        "(one caption), `split` (`train` or `test`) and metadata; a picture has several lines.",
+        "`images/`: RGB PNG files.")]
+    lines += ["", "## Counts", "", "```",
+              json.dumps(summary, indent=2, ensure_ascii=False), "```", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    write_atomic(out / "README.md", "\n".join(lines).encode("utf-8"))

@@ -1,0 +1,334 @@
+"""Emoji in several drawing styles, with captions from their names, short names, tags and
+categories, and a test split that holds out whole emoji across every style.
+
+Sources (npm packages, fetched with `npm pack` into the cache and pinned by version and
+integrity hash):
+
+- emoji-datasource-{google,twitter,apple} (iamcal/emoji-data): `emoji.json` and
+  `img/<style>/64/<file>.png`. Google (Noto) images are Apache-2.0, Twitter (Twemoji) images
+  CC-BY-4.0; Apple's are (c) Apple and not licensed for commercial use, so "apple" is for
+  evaluation only: all its pictures go to the test split (they are not in the default styles).
+- openmoji: `data/openmoji.json` and `color/svg/<HEXCODE>.svg`, CC-BY-SA-4.0, rasterised
+  with cairosvg.
+
+Pictures are composited onto white at build time (RGB PNG), so every reader sees the same
+pixels. Skin-tone variants and the "component" category (bare skin-tone and hair swatches)
+are skipped: a variant would repeat its base emoji's captions. The split key is the emoji's
+code-point sequence without variation selectors (U+FE0F), so "2764-FE0F" in one package and
+"2764" in another are the same emoji and fall on the same side.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from polymodal.data.common import (
+    CAPTIONS,
+    SourceError,
+    article,
+    cache_dir,
+    check_build,
+    dedupe,
+    on_white,
+    run_tool,
+    save_png,
+    split_of,
+    summarise,
+    take,
+    track,
+    unit_hash,
+    write_jsonl,
+    write_readme,
+)
+
+STYLES = ("google", "twitter", "openmoji", "apple")
+EVAL_ONLY = ("apple",)
+
+# style -> (npm package, pinned version, npm integrity of its tarball)
+PACKAGES = {
+    "google": ("emoji-datasource-google", "16.0.0",
+               "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
+    "twitter": ("emoji-datasource-twitter", "16.0.0",
+                "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),
+    "apple": ("emoji-datasource-apple", "16.0.0",
+              "sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw=="),
+    "openmoji": ("openmoji", "17.0.0",
+                 "sha512-EBnYrNGdcdw+OSXmENeNE1yBNRu6tOraTmoOyUbJkTmvT/+XETp8RZLSJFzD3lrPc5N9CzsyPnRTk0Vp4UaI9w=="),
+}
+
+LICENCES = {
+    "google": ("Apache-2.0 (Noto Emoji images); emoji.json MIT (iamcal/emoji-data)",
+               "https://github.com/googlefonts/noto-emoji"),
+    "twitter": ("CC-BY-4.0 (Twemoji graphics, (c) Twitter, Inc and other contributors); emoji.json MIT",
+                "https://github.com/jdecked/twemoji"),
+    "apple": ("(c) Apple Inc., NOT licensed for commercial use or redistribution; evaluation only; "
+              "emoji.json MIT", "https://github.com/iamcal/emoji-data"),
+    "openmoji": ("CC-BY-SA-4.0 (OpenMoji, HfG Schwaebisch Gmuend; the pictures and data/openmoji.json, "
+                 "whose tags feed this style's captions); attribution required, derivatives share alike",
+                 "https://openmoji.org"),
+}
+
+# The nine Unicode emoji groups, as openmoji spells them, in words for captions; "extras"
+# holds openmoji's own pictograms that fit none of them.
+CATEGORY_WORDS = {
+    "smileys-emotion": "smileys & emotion",
+    "people-body": "people & body",
+    "animals-nature": "animals & nature",
+    "food-drink": "food & drink",
+    "travel-places": "travel & places",
+    "activities": "activities",
+    "objects": "objects",
+    "symbols": "symbols",
+    "flags": "flags",
+    "extras": "pictograms",
+}
+SPLIT_SALT = "emoji-v1"
+
+
+def emoji_key(codepoints: str) -> str:
+    """'2764-FE0F' and '2764' -> '2764': the code points without variation selectors."""
+    return "-".join(cp for cp in codepoints.upper().replace("_", "-").split("-") if cp and cp != "FE0F")
+
+
+def emoji_split(key: str) -> str:
+    """The fixed split of an emoji (by `emoji_key`), the same in every style."""
+    return split_of(key, salt=SPLIT_SALT)
+
+
+def _category(name: str) -> str:
+    """'Smileys & Emotion' -> 'smileys-emotion'."""
+    return "-".join(name.lower().replace("&", " ").split())
+
+
+# --- fetching ----------------------------------------------------------------------------
+
+
+def _integrity(path: Path) -> str:
+    return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
+
+
+def fetch_package(style: str, cache: Path) -> Path:
+    """The unpacked package of `style` in the cache (fetched with `npm pack` the first time)."""
+    package, version, integrity = PACKAGES[style]
+    root = cache / "npm"
+    folder = root / f"{package}-{version}"
+    if (folder / ".complete").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tarball = root / f"{package}-{version}.tgz"
+    if not tarball.exists():
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            run_tool(["npm", "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
+                     cwd=Path(tmp), what=f"fetching {package}@{version} from the npm registry")
+            got = list(Path(tmp).glob("*.tgz"))
+            if len(got) != 1:
+                raise SourceError(f"npm pack {package}@{version} left {len(got)} tarballs, expected one")
+            got[0].replace(tarball)
+    if _integrity(tarball) != integrity:
+        tarball.unlink()
+        raise SourceError(f"{tarball.name}: integrity does not match the pinned {integrity[:20]}...; "
+                          "removed it, run again to fetch it afresh")
+    if style == "openmoji":
+        wanted = ("data/openmoji.json", "LICENSE.txt", "package.json", "color/svg/")
+    else:
+        wanted = ("emoji.json", "LICENSE", "package.json", f"img/{style}/64/")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{package}-"))
+    try:
+        with tarfile.open(tarball) as tar:
+            members = []
+            for m in tar.getmembers():
+                name = m.name.split("/", 1)[-1]  # every member sits under "package/"
+                if m.isfile() and name.startswith(wanted):
+                    m.name = name
+                    members.append(m)
+            tar.extractall(tmp, members=members, filter="data")
+        (tmp / ".complete").write_text(f"{package}@{version}\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- entries and captions ----------------------------------------------------------------
+
+
+def _flag_phrase(name: str) -> str | None:
+    """'flag: france' or 'france flag' -> 'the flag of france'."""
+    if name.startswith("flag: "):
+        return "the flag of " + name[6:]
+    if name.endswith(" flag") and name != "flag":
+        return "the flag of " + name[:-5]
+    return None
+
+
+def captions_for(name: str, category: str, subcategory: str, keywords: list[str]) -> list[str]:
+    """'grinning face', 'an emoji of a grinning face', 'smileys & emotion: grinning face',
+    'face smiling: grinning face', 'cheerful, face, grin, smile' (tags or short names)."""
+    flag = _flag_phrase(name)
+    subject = flag[len("the flag of "):] if flag else name  # "a flag: france", not "a flag: france flag"
+    words = [k for k in dedupe(keywords) if k != name and len(k) > 2][:8]  # no country codes
+    return dedupe([
+        name,
+        f"an emoji of {flag or article(name)}",
+        f"{CATEGORY_WORDS.get(category, 'emoji')}: {subject}",
+        f"{subcategory.replace('-', ' ')}: {subject}",
+        ", ".join(words),
+    ])
+
+
+def _datasource_entries(folder: Path, style: str) -> list[dict]:
+    entries = []
+    for e in json.loads((folder / "emoji.json").read_text(encoding="utf-8")):
+        category = _category(e["category"])
+        if category == "component" or not e.get(f"has_img_{style}"):
+            continue
+        name = " ".join(e["name"].lower().split())
+        # short names, less country codes ("fr", "flag-fr") that say nothing in words
+        short = [re.sub(r"\d+$", "", s).replace("_", " ").replace("-", " ")  # "mouse2" -> "mouse"
+                 for s in e.get("short_names", []) if len(s) > 2 and not s.startswith("flag-")]
+        entries.append({
+            "key": emoji_key(e["unified"]), "name": name, "category": category,
+            "subcategory": e["subcategory"], "keywords": short,
+            "file": folder / "img" / style / "64" / e["image"],
+        })
+    return entries
+
+
+def _openmoji_entries(folder: Path) -> list[dict]:
+    entries = []
+    for e in json.loads((folder / "data" / "openmoji.json").read_text(encoding="utf-8")):
+        if e.get("skintone") or e["group"] == "component":
+            continue
+        category, subcategory = e["group"], e["subgroups"]
+        if category.startswith("extras"):  # openmoji's own pictograms, filed under a subgroup
+            category = subcategory if subcategory in CATEGORY_WORDS else "extras"
+        name = " ".join(e["annotation"].lower().split())
+        if e["group"] == "extras-openmoji":
+            name = name.replace("-", " ")
+        tags = [t.strip() for t in f"{e['tags']},{e['openmoji_tags']}".split(",")]
+        entries.append({
+            "key": emoji_key(e["hexcode"]), "name": name, "category": category,
+            "subcategory": subcategory, "keywords": tags,
+            "file": folder / "color" / "svg" / f"{e['hexcode']}.svg",
+        })
+    return entries
+
+
+def _render(entry: dict, size: int) -> Image.Image:
+    path = entry["file"]
+    if path.suffix == ".svg":
+        try:
+            import cairosvg
+        except (ImportError, OSError) as e:
+            raise SourceError("style 'openmoji' needs cairosvg and the cairo library: "
+                              f"pip install cairosvg; apt-get install libcairo2 ({e})") from None
+        svg = path.read_bytes()
+        try:
+            png = cairosvg.svg2png(bytestring=svg, output_width=size, output_height=size)
+        except AttributeError:  # cairosvg trips on a marker that points nowhere (1 openmoji file)
+            svg = re.sub(rb'\smarker-(?:start|mid|end)="url\(#[^"]*\)"', b"", svg)
+            png = cairosvg.svg2png(bytestring=svg, output_width=size, output_height=size)
+        return on_white(Image.open(io.BytesIO(png)))
+    image = on_white(Image.open(path))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+# --- the builder -------------------------------------------------------------------------
+
+
+def build_emoji(out, *, styles=("google", "twitter", "openmoji"), cache=None, size: int = 64,
+                progress: bool = False, limit: int | None = None) -> dict:
+    """Build the emoji caption set in `out`; return counts per split, category and style.
+
+    `styles`: any of "google", "twitter", "openmoji", "apple" (apple: test split only).
+    `size`: side in pixels. emoji-datasource ships 64-pixel PNGs only, so other sizes resample
+    them (LANCZOS); openmoji is rendered from SVG at the size asked for.
+    `limit`: at most this many emoji, the same ones in every style that has them (a fixed,
+    hashed choice, so a small set still spans the categories and holds both splits).
+    """
+    started = time.perf_counter()
+    styles = tuple(dict.fromkeys(styles))
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or not styles:
+        raise ValueError(f"unknown emoji style(s) {unknown}; known: {', '.join(STYLES)}")
+    out, cache = Path(out), cache_dir(cache)
+    per_style = {}
+    for style in styles:
+        folder = fetch_package(style, cache)
+        entries = _openmoji_entries(folder) if style == "openmoji" else _datasource_entries(folder, style)
+        unique = {}
+        for entry in entries:
+            unique.setdefault(entry["key"], entry)  # the first of a key that repeats in one package
+        per_style[style] = unique
+    # a fixed order (by hash, so the first few span the categories); `limit` keeps both splits
+    keys = sorted(set().union(*per_style.values()), key=lambda k: (unit_hash(f"pick:{k}"), k))
+    chosen = set(take(keys, limit, lambda k: emoji_split(k) == "test"))
+
+    check_build(out, "emoji", {"size": size})
+    records, jobs = [], []
+    for style, unique in per_style.items():
+        for key in sorted(unique, key=lambda k: (unit_hash(f"pick:{k}"), k)):
+            if key not in chosen:
+                continue
+            entry = unique[key]
+            rel = f"images/{style}/{key.lower()}.png"
+            if not (out / rel).exists():
+                jobs.append((entry, out / rel))
+            heldout = emoji_split(key) == "test"
+            for text in captions_for(entry["name"], entry["category"], entry["subcategory"], entry["keywords"]):
+                records.append({
+                    "image": rel, "text": text,
+                    "split": "test" if heldout or style in EVAL_ONLY else "train",
+                    "name": entry["name"], "category": entry["category"],
+                    "subcategory": entry["subcategory"], "style": style, "emoji": key,
+                    "heldout": heldout, "source": PACKAGES[style][0],
+                })
+    skipped = []
+    for entry, path in track(jobs, f"emoji: drawing {len(jobs)} pictures", progress):
+        try:
+            save_png(_render(entry, size), path)
+        except (OSError, ValueError, AttributeError, SyntaxError) as e:  # a bad file: report, go on
+            skipped.append(f"{entry['file']}: {' '.join(str(e).split()) or type(e).__name__}")
+    if skipped:
+        gone = {p.relative_to(out).as_posix() for _, p in jobs if not p.exists()}
+        records = [r for r in records if r["image"] not in gone]
+
+    records.sort(key=lambda r: (r["image"], r["text"]))
+    write_jsonl(out / CAPTIONS, records)
+    summary = summarise(records, by=("category", "style"))
+    sources = []
+    for style in styles:
+        package, version, integrity = PACKAGES[style]
+        licence, url = LICENCES[style]
+        terms = "Evaluation only: every picture of this style is in the test split." if style in EVAL_ONLY else ""
+        sources.append({"name": f"{package} (npm)", "version": version, "url": url, "licence": licence,
+                        "terms": f"{terms} npm integrity {integrity}".strip()})
+    write_readme(
+        out, title="Emoji caption set (polymodal)",
+        about=f"Emoji drawn in the styles {', '.join(styles)} at {size}x{size} pixels, composited on "
+              "white, each with several lower-case captions from its name, short names or tags and its "
+              "category. The test split holds out whole emoji (about 10%, by a SHA-256 hash of the "
+              "code points without U+FE0F), so a test emoji is unseen in every style. `heldout` marks "
+              "those emoji; `style`, `emoji`, `category`, `subcategory` and `name` describe each line.",
+        sources=sources, summary=summary,
+        notes=["Skin-tone variants and the component category are left out.",
+               "Built with `polymodal.data.emoji.build_emoji`"
+               + (f" (limit={limit})." if limit is not None else ".")],
+    )
+    summary.update(written=len(jobs) - len(skipped), skipped=skipped, versions={s: PACKAGES[s][1] for s in styles},
+                   seconds=round(time.perf_counter() - started, 2), out=str(out))
+    return summary

@@ -1,0 +1,23 @@
+"""`polymodal data ...` from the command line (the builders themselves: tests/test_builders.py)."""
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from polymodal.cli import app
+
+
+def test_data_scenes_then_show(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "scenes", str(tmp_path / "sc"), "--n", "12", "--size", "48", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["images"] == 12 and sum(summary["splits"].values()) == 12
+    lines = (tmp_path / "sc" / "captions.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["image"] for line in lines}) == 12
+    res = runner.invoke(app, ["data", "show", str(tmp_path / "sc"), "--out", str(tmp_path / "sheet.png"), "--n", "6"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "sheet.png").size[0] > 300
+    res = runner.invoke(app, ["data", "show", str(tmp_path / "nothing-here")])
+    assert res.exit_code == 2 and "nothing-here" in res.stderr
