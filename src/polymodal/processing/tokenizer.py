@@ -8,6 +8,11 @@ The ids equal transformers' `CLIPTokenizer` (checked in `tests/test_tokenizer.py
 BERT (Devlin et al. 2018): BertNormalizer, BertPreTokenizer, WordPiece with `##` continuations,
 `[CLS] ... [SEP]`.
 
+Byte-level BPE ("bpe": GPT-2, Llama 3, SmolLM, Qwen2 vocabularies, e.g. from a GGUF file): a split
+regex, bytes spelled as printable characters, BPE; special tokens stay whole; a start (or end) token
+only where the vocabulary asks for one; a text longer than the context is cut there, with no end
+token forced in; decoding gives the text back byte for byte.
+
 Truncation keeps the end token last. Texts far longer than the context are cut (before a space)
 to a character budget before tokenizing, so 10 MB of text costs what a paragraph does.
 """
@@ -35,6 +40,7 @@ CONFIG_FILE = "tokenizer_config.json"
 # as symbols) nor \x0b \x0c \x85 (BERT deletes these control characters).
 WHITESPACE_RUN = re.compile("[\t\n\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{2,}")
 FIELDS = ("kind", "context_length", "pad_id", "bos_id", "eos_id")  # what tokenizer_config.json holds
+KINDS = ("clip", "wordpiece", "bpe")
 
 
 class Tokenizer:
@@ -43,14 +49,14 @@ class Tokenizer:
     def __init__(
         self,
         backend: Backend,
-        kind: Literal["clip", "wordpiece"],
+        kind: Literal["clip", "wordpiece", "bpe"],
         context_length: int,
         pad_id: int,
         bos_id: int | None = None,
         eos_id: int | None = None,
     ):
-        if kind not in ("clip", "wordpiece"):
-            raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'clip' or 'wordpiece'")
+        if kind not in KINDS:
+            raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {context_length}")
         backend.no_truncation()  # we truncate ourselves, keeping the end token last
@@ -84,6 +90,8 @@ class Tokenizer:
             if not isinstance(text, str):
                 raise TypeError(f"Tokenizer.encode_batch: texts[{i}] is a {type(text).__name__}, not a str")
         length = context_length or self.context_length
+        if self.kind == "bpe":  # every byte counts, whitespace runs too: no early cut
+            return [enc.ids[:length] for enc in self.backend.encode_batch(list(texts))]
         budget = max(length, 32) * CHARS_PER_TOKEN  # > 2 x 100: a longer WordPiece word is one [UNK]
         cuts = [_cut(text, budget) for text in texts]
         encodings = self.backend.encode_batch([piece for piece, _ in cuts])
@@ -115,23 +123,31 @@ class Tokenizer:
             return ids
         return ids[:length] if self.eos_id is None else ids[: length - 1] + [self.eos_id]
 
-    def __call__(self, texts: str | list[str], context_length: int | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: str | list[str], context_length: int | None = None,
+                 padding_side: Literal["right", "left"] = "right") -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask`, LongTensors (N, L): L is the longest text in the batch,
-        or `context_length` when given (texts are then truncated to it too)."""
+        or `context_length` when given (texts are then truncated to it too). A decoder LM's prompts
+        are padded on the left (`padding_side="left"`), so every row ends at the last column."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         batch = self.encode_batch([texts] if isinstance(texts, str) else texts, context_length)
         width = context_length or max((len(ids) for ids in batch), default=0)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (N, L)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (N, L)
         for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, : len(ids)] = 1
+            cols = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+            input_ids[i, cols] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, cols] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def decode(self, ids) -> str:
-        """The text of `ids` (a list or 1-D tensor), special tokens and padding skipped."""
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of `ids` (a list or 1-D tensor), special tokens and padding skipped unless
+        `skip_special_tokens=False`. CLIP and WordPiece text is stripped; byte-level BPE text comes
+        back exactly."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return text if self.kind == "bpe" else text.strip()
 
     # --- files ------------------------------------------------------------------------------------
 
@@ -268,6 +284,61 @@ def wordpiece_tokenizer(path: str | Path, context_length: int = 512, lowercase: 
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
         )
     return Tokenizer(backend, "wordpiece", context_length, pad_id=vocab["[PAD]"], bos_id=cls, eos_id=sep)
+
+
+# --- byte-level BPE -----------------------------------------------------------------------------------
+
+
+def bpe_tokenizer(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    *,
+    split: str | None = None,
+    individual_digits: bool = False,
+    specials: tuple[str, ...] = (),
+    added: tuple[str, ...] = (),
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    add_bos: bool = False,
+    add_eos: bool = False,
+    context_length: int = 2048,
+) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2, Llama 3, SmolLM, Qwen2) from a vocabulary spelled in the
+    byte alphabet and its merges, best first.
+
+    split: the regex that cuts text into pre-tokens, each kept whole; None: GPT-2's own.
+    individual_digits: cut every digit out first (StarCoder and SmolLM vocabularies).
+    specials: tokens matched whole anywhere in a text and skipped by `decode` (`<|im_start|>`);
+    added: tokens matched whole but decoded as text. add_bos / add_eos: wrap every text in the
+    start / end token. pad_id: default the end token, else 0.
+    """
+    backend = Backend(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if individual_digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    wrap = {"bos": (bos_id, add_bos), "eos": (eos_id, add_eos)}
+    for name, (i, on) in wrap.items():
+        if on and i is None:
+            raise ValueError(f"add_{name} is set but there is no {name} id")
+    ends = {name: backend.id_to_token(i) for name, (i, on) in wrap.items() if on}
+    first, last = [ends["bos"]] if "bos" in ends else [], [ends["eos"]] if "eos" in ends else []
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join([*first, "$A", *last]),
+        pair=" ".join([*first, "$A", *last, *first, "$B:1", *last]),
+        special_tokens=[(token, backend.token_to_id(token)) for token in ends.values()],
+    )
+    pad = pad_id if pad_id is not None else eos_id if eos_id is not None else 0
+    return Tokenizer(backend, "bpe", context_length, pad_id=pad, bos_id=bos_id, eos_id=eos_id)
 
 
 # --- directories ----------------------------------------------------------------------------------
