@@ -21,3 +21,21 @@ def test_data_scenes_then_show(tmp_path):
     assert Image.open(tmp_path / "sheet.png").size[0] > 300
     res = runner.invoke(app, ["data", "show", str(tmp_path / "nothing-here")])
     assert res.exit_code == 2 and "nothing-here" in res.stderr
+
+
+def test_data_mix(tmp_path):
+    from polymodal.data.pairs import PairDataset
+
+    runner = CliRunner()
+    for name, seed in (("a", 0), ("b", 1)):
+        assert runner.invoke(app, ["data", "scenes", str(tmp_path / name), "--n", "5", "--seed", str(seed),
+                                   "--size", "32"]).exit_code == 0
+    res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix"), "-s", f"a={tmp_path / 'a'}",
+                              "-s", f"b={tmp_path / 'b'}", "--json"])
+    assert res.exit_code == 0, res.output
+    data = PairDataset(tmp_path / "mix")
+    assert len(data) == len(PairDataset(tmp_path / "a")) + len(PairDataset(tmp_path / "b"))
+    assert {p.meta["dataset"] for p in data.pairs} == {"a", "b"}
+    assert all(path.is_file() for path in data.images())
+    res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix"), "-s", f"{tmp_path / 'a'}"])
+    assert res.exit_code == 2 and "source name" in res.stderr

@@ -104,3 +104,19 @@ def show(
     if json_:
         return _emit({"out": str(out)})
     typer.echo(f"contact sheet -> {out}")
+
+
+@command(name="mix", group=data_app)
+def mix_cmd(
+    out: Path = typer.Argument(..., help="The folder of the mixture."),
+    source: list[str] = typer.Option(..., "--source", "-s", help="NAME=FOLDER of a data set; repeatable."),
+    json_: bool = JSON,
+) -> None:
+    """Combine several folder data sets into one (links, no copies), records tagged by source."""
+    from polymodal.data.mix import mix
+
+    pairs = dict(s.split("=", 1) if "=" in s else ("", s) for s in source)
+    counts = mix(out, pairs)
+    if json_:
+        return _emit({"out": str(out), "records": counts})
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}")
