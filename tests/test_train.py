@@ -171,6 +171,11 @@ def test_cli_shards_then_train_on_them_then_eval_and_plot(shapes_data, tmp_path)
     report = json.loads(res.stdout)
     assert report["images"] == 48 and 0 <= report["zero_shot"]["accuracy"] <= 1
     assert (tmp_path / "cm.png").stat().st_size > 1000
+    res = runner.invoke(app, ["eval", "--model", str(run), "--data", str(shapes_data), "--json",
+                              "--where", "category=red circle", "--text-key", "category"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert (report["images"], report["texts"]) == (4, 4)  # 4 test red circles, each queried by its label
     res = runner.invoke(app, ["plot-metrics", str(run), "--out", str(tmp_path / "curves.png")])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "curves.png").size[0] == 900

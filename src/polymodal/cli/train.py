@@ -75,6 +75,8 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Evaluate the records of this split ('' for all)."),
     label_key: str = typer.Option("category", "--label-key", help="The record field with the class label."),
     template: list[str] = typer.Option(None, "--template", help="Prompt templates, ensembled; repeatable."),
+    where: list[str] = typer.Option(None, "--where", help="KEY=VALUE: only records with this field value; repeatable."),
+    text_key: str = typer.Option(None, "--text-key", help="Query with this record field (e.g. name), not captions."),
     confusion: Path = typer.Option(None, "--confusion", help="Draw the confusion matrix to this PNG."),
     json_: bool = JSON,
 ) -> None:
@@ -83,8 +85,15 @@ def evaluate(
     from polymodal.tasks.evaluate import TEMPLATES, evaluate_folder
 
     embedder = polymodal.load(model)
+    filters = {}
+    for item in where or []:
+        if "=" not in item:
+            raise ValueError(f"--where {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        filters[key] = value
     report = evaluate_folder(embedder, data, split=split or None, label_key=label_key,
-                             templates=template or TEMPLATES, progress=_progress(), on_error=say)
+                             templates=template or TEMPLATES, where=filters, text_key=text_key,
+                             progress=_progress(), on_error=say)
     if confusion is not None and report.get("zero_shot"):
         from polymodal.viz import draw_similarity
 

@@ -78,20 +78,32 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: S
 
 
 def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", label_key: str | None = "category",
-                    templates: Sequence[str] = TEMPLATES, progress: bool = False, on_error=None) -> dict:
-    """Retrieval over every image and caption of a split of a folder data set and, when its
-    records carry `label_key`, zero-shot accuracy over the labels found. Bad images are
-    skipped (reported to `on_error`) and counted."""
+                    templates: Sequence[str] = TEMPLATES, where: dict[str, str] | None = None,
+                    text_key: str | None = None, progress: bool = False, on_error=None) -> dict:
+    """Retrieval over the images and captions of a split of a folder data set and, when its
+    records carry `label_key`, zero-shot accuracy over the labels found.
+
+    where: keep only records whose fields equal these values (compared as strings, e.g.
+    {"style": "apple"}). text_key: query with this record field (e.g. "name") instead of the
+    captions, once per image. Bad images are skipped (reported to `on_error`) and counted."""
     from polymodal.data.pairs import PairDataset
 
     data = PairDataset(root, split=split)
-    images = data.images()
-    result = embedder.embed_images([str(p) for p in images], progress=progress, on_error=on_error)
-    position = {data.images()[i].relative_to(data.root).as_posix(): n for n, i in enumerate(result.ok)}
-    pairs = [p for p in data.pairs if p.image in position]
-    text_embeds = embedder.encode_text([p.text for p in pairs], progress=progress)
-    report: dict = {"images": len(result.ok), "texts": len(pairs), "skipped": len(result.errors),
-                    "retrieval": recall_at_k(result.vectors, text_embeds, [position[p.image] for p in pairs])}
+    pairs = [p for p in data.pairs if all(str(p.meta.get(k)) == v for k, v in (where or {}).items())]
+    if not pairs:
+        raise ValueError(f"{root}: no records of split {split!r} match {where}")
+    images = list(dict.fromkeys(p.image for p in pairs))
+    result = embedder.embed_images([str(data.root / i) for i in images], progress=progress, on_error=on_error)
+    position = {images[i]: n for n, i in enumerate(result.ok)}
+    pairs = [p for p in pairs if p.image in position]
+    if text_key:
+        queries = {(p.image, str(p.meta[text_key])) for p in pairs if text_key in p.meta}
+        texts = sorted(queries)
+    else:
+        texts = [(p.image, p.text) for p in pairs]
+    text_embeds = embedder.encode_text([t for _, t in texts], progress=progress)
+    report: dict = {"images": len(result.ok), "texts": len(texts), "skipped": len(result.errors),
+                    "retrieval": recall_at_k(result.vectors, text_embeds, [position[i] for i, _ in texts])}
     labels: dict[str, str] = {}
     for p in pairs:
         if label_key and label_key in p.meta:
