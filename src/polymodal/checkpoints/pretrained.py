@@ -34,6 +34,8 @@ def save_pretrained(model: CLIP, directory: str | Path, tokenizer: Tokenizer | N
     directory.mkdir(parents=True, exist_ok=True)
     save_config(model.cfg, directory / "config.json")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.text_weights:  # a frozen pretrained text tower is read from its own files
+        state = {k: v for k, v in state.items() if not k.startswith("text.")}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -57,7 +59,10 @@ def load_clip(path: str | Path, *, act: str | None = None) -> tuple[CLIP, Tokeni
         return _load_openclip(read_state_dict(p), {}, p, act)
     if is_own_format(p):
         cfg = config_from_dict(json.loads((p / "config.json").read_text()))
-        model = load_exact(CLIP(cfg), read_state_dict(p / "model.safetensors"), str(p))
+        state = read_state_dict(p / "model.safetensors")
+        if cfg.text_weights:
+            state.update(_external_text_state(cfg))
+        model = load_exact(CLIP(cfg), state, str(p))
         return model.eval(), load_tokenizer(p)
     if hf_clip.is_hf_clip(p):
         pre = p / "preprocessor_config.json"
@@ -76,6 +81,15 @@ def load_clip(path: str | Path, *, act: str | None = None) -> tuple[CLIP, Tokeni
         raise CheckpointError(f"{p}: not a checkpoint polymodal knows (own format, a transformers CLIP "
                               "directory, or OpenCLIP weights)") from None
     return _load_openclip(read_state_dict(weights), meta, p, act)
+
+
+def _external_text_state(cfg) -> dict:
+    """The weights of a frozen pretrained BERT text tower that `cfg.text_weights` points at."""
+    from polymodal.checkpoints import hf_bert
+
+    directory = hf_bert.resolve_bert_dir(cfg.text_weights)
+    source = f"{cfg.text_weights} (text tower)"
+    return hf_bert.state_from_hf(read_state_dict(find_weights(directory)), cfg.text, source, dst="text.")
 
 
 def load_clip_tokenizer(path: str | Path) -> Tokenizer:

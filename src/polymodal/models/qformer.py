@@ -1,0 +1,179 @@
+"""The Querying Transformer (Q-Former): learned queries that read a frozen image encoder.
+
+Li et al. 2023, "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders
+and Large Language Models", Figure 2. A BERT-style post-norm encoder (Devlin et al. 2018) runs
+over `num_query_tokens` learned queries followed, optionally, by text. Queries and text share
+each layer's self-attention; only the queries cross-attend to the image features (every
+`cross_attention_frequency`-th layer), and queries and text have separate feed-forward networks.
+What the two streams see of each other is the mask of the stage-1 objective (Figure 2, right):
+
+    ITC (contrastive)   unimodal: queries see queries, text sees text
+    ITM (matching)      bidirectional: every position sees every position
+    ITG (generation)    queries see queries; text sees every query and the text up to itself
+
+Queries alone (no text) is what stage 2 feeds the LLM; text alone is ITC's text encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import QFormerConfig
+from polymodal.nn import MLP, Attention
+from polymodal.nn.mlp import ACTIVATIONS
+
+Mask = Literal["itc", "itm", "itg"]
+
+
+def stage1_mask(kind: Mask, num_queries: int, text_mask: Tensor) -> Tensor:
+    """(B, 1, Q + T, Q + T) boolean mask (True = may attend) over [queries; text] for one objective.
+
+    text_mask (B, T): 1 = real token. No row attends to padding, except that every row attends to
+    itself, so a padding row (whose output is never read) never has an empty softmax."""
+    B, T = text_mask.shape
+    Q, L, dev = num_queries, num_queries + T, text_mask.device
+    is_text = torch.arange(L, device=dev) >= Q  # (L,)
+    row_text, col_text = is_text[:, None], is_text[None, :]  # (L, 1), (1, L)
+    if kind == "itm":
+        allowed = torch.ones(L, L, dtype=torch.bool, device=dev)
+    elif kind == "itc":
+        allowed = row_text == col_text  # two unimodal blocks
+    elif kind == "itg":
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        allowed = ~col_text | (row_text & causal)  # all rows see the queries; text sees earlier text
+    else:
+        raise ValueError(f"unknown Q-Former mask {kind!r}; known: itc, itm, itg")
+    real = torch.cat([torch.ones(B, Q, dtype=torch.bool, device=dev), text_mask.bool()], 1)  # (B, L)
+    allowed = (allowed & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)  # (B, L, L)
+    return allowed[:, None]  # (B, 1, L, L)
+
+
+@dataclass
+class QFormerOutput:
+    queries: Tensor | None  # (B, Q, width): the query outputs, or None for text alone
+    text: Tensor | None  # (B, T, width): the text outputs, or None for queries alone
+
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer; post-norm sublayers x = norm(x + f(x)) in BERT's order:
+
+        [queries; text] -- self-attention (shared, under the objective's mask) --> split rows
+        queries         -- cross-attention to the image (every k-th layer) --> query FFN
+        text            ----------------------------------------------------> text FFN
+
+    The query stream is a post-norm `Block` with cross-attention, part for part (attn / norm1,
+    xattn / norm_x, then its own MLP); `Block.forward` itself cannot run it, because rows that
+    share one self-attention then take different paths, so the layer composes the same
+    `Attention` and `MLP` modules directly.
+    """
+
+    def __init__(self, cfg: QFormerConfig, vision_width: int, cross: bool):
+        super().__init__()
+        w, eps = cfg.width, cfg.norm_eps
+        self.attn = Attention(w, cfg.heads)
+        self.norm1 = nn.LayerNorm(w, eps=eps)
+        self.xattn = Attention(w, cfg.heads, context_dim=vision_width, cross=True) if cross else None
+        self.norm_x = nn.LayerNorm(w, eps=eps) if cross else None
+        self.query_mlp = MLP(w, cfg.mlp_dim, cfg.act)
+        self.query_norm = nn.LayerNorm(w, eps=eps)
+        self.text_mlp = MLP(w, cfg.mlp_dim, cfg.act) if cfg.text_input else None
+        self.text_norm = nn.LayerNorm(w, eps=eps) if cfg.text_input else None
+
+    def forward(self, x: Tensor, num_queries: int, image: Tensor | None, *, mask: Tensor | None = None,
+                eager: bool = False) -> Tensor:
+        """x: (B, Q + T, width), queries first; image: (B, S, vision_width)."""
+        x = self.norm1(x + self.attn(x, mask=mask, eager=eager))  # (B, Q + T, width)
+        q, t = x[:, :num_queries], x[:, num_queries:]  # (B, Q, width), (B, T, width)
+        if num_queries:
+            if self.xattn is not None:
+                q = self.norm_x(q + self.xattn(q, image, eager=eager))  # only the queries see the image
+            q = self.query_norm(q + self.query_mlp(q))
+        if t.shape[1]:
+            if self.text_mlp is None:
+                raise ValueError("this Q-Former has no text side (QFormerConfig.text_input=False)")
+            t = self.text_norm(t + self.text_mlp(t))
+        return torch.cat([q, t], dim=1)
+
+
+class LMHead(nn.Module):
+    """BERT's language-model head (Devlin et al. 2018), BLIP-2's ITG head on the text outputs:
+    dense -> activation -> LayerNorm -> the word embeddings transposed (tied) + a bias."""
+
+    def __init__(self, width: int, vocab_size: int, act: str, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = ACTIVATIONS[act]
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        """x: (B, T, width); embedding: (vocab, width) -> (B, T, vocab) logits."""
+        return F.linear(self.norm(self.act(self.dense(x))), embedding, self.bias)
+
+
+class QFormer(nn.Module):
+    """Learned queries (+ text) -> LayerNorm -> Q-Former layers; optional ITG head.
+
+    The text side embeds word + position (no token types); one LayerNorm normalises queries and
+    text together, as BLIP-2's BertEmbeddings (transformers: Blip2QFormerModel.layernorm)."""
+
+    def __init__(self, cfg: QFormerConfig, vision_width: int):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.query_tokens = nn.Parameter(torch.randn(cfg.num_query_tokens, w) * 0.02)
+        if cfg.text_input:
+            self.token_embed = nn.Embedding(cfg.vocab_size, w, padding_idx=cfg.pad_token_id)
+            self.pos_embed = nn.Embedding(cfg.context_length, w)
+        else:
+            self.token_embed = self.pos_embed = None
+        self.norm_embed = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(
+            QFormerLayer(cfg, vision_width, cross=i % cfg.cross_attention_frequency == 0) for i in range(cfg.layers)
+        )
+        self.lm_head = LMHead(w, cfg.vocab_size, cfg.act, cfg.norm_eps) if cfg.lm_head else None
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids (B, T) -> word + position embeddings (B, T, width), not yet normalised."""
+        if self.token_embed is None:
+            raise ValueError("this Q-Former has no text side (QFormerConfig.text_input=False)")
+        length = ids.shape[1]
+        if length > self.cfg.context_length:
+            raise ValueError(f"{length} tokens exceed the Q-Former's context length {self.cfg.context_length}")
+        return self.token_embed(ids) + self.pos_embed(torch.arange(length, device=ids.device))  # (B, T, width)
+
+    def forward(self, image: Tensor | None = None, ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                *, mask: Mask = "itm", eager: bool = False) -> QFormerOutput:
+        """image (B, S, vision_width): the frozen encoder's tokens; without it, no queries run
+        (ITC's text encoder). ids, attention_mask (B, T), 1 = real token: the text; without it the
+        queries run alone. mask: how queries and text see each other ("itc", "itm", "itg")."""
+        if image is None and ids is None:
+            raise ValueError("give an image, text ids, or both")
+        if mask not in ("itc", "itm", "itg"):
+            raise ValueError(f"unknown Q-Former mask {mask!r}; known: itc, itm, itg")
+        parts, Q = [], 0
+        if image is not None:
+            image = image.to(self.query_tokens.dtype)
+            Q = self.cfg.num_query_tokens
+            parts.append(self.query_tokens.expand(image.shape[0], -1, -1))  # (B, Q, width)
+        attn_mask = None
+        if ids is not None:
+            parts.append(self.embed(ids))  # (B, T, width)
+            text_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+            if mask == "itg" or (Q and mask == "itc") or not bool(text_mask.all()):  # else: all see all
+                attn_mask = stage1_mask(mask, Q, text_mask)  # (B, 1, Q + T, Q + T)
+        x = self.norm_embed(torch.cat(parts, dim=1))  # (B, Q + T, width)
+        for layer in self.layers:
+            x = layer(x, Q, image, mask=attn_mask, eager=eager)
+        return QFormerOutput(queries=x[:, :Q] if Q else None, text=x[:, Q:] if ids is not None else None)
+
+    def text_logits(self, text: Tensor) -> Tensor:
+        """ITG: text outputs (B, T, width) -> next-token logits (B, T, vocab)."""
+        if self.lm_head is None:
+            raise ValueError("this Q-Former has no ITG head (QFormerConfig.lm_head=False)")
+        return self.lm_head(text, self.token_embed.weight)
