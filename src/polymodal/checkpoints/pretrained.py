@@ -44,7 +44,10 @@ def save_pretrained(model: CLIP, directory: str | Path, tokenizer: Tokenizer | N
 
 def is_own_format(directory: Path) -> bool:
     cfg = directory / "config.json"
-    return cfg.is_file() and "vision" in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    data = json.loads(cfg.read_text())
+    return "vision" in data and data.get("model_type", "clip") == "clip"
 
 
 def load_clip(path: str | Path, *, act: str | None = None) -> tuple[CLIP, Tokenizer]:
