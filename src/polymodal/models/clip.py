@@ -24,6 +24,7 @@ class CLIPOutput:
     image_embeds: Tensor  # (N, embed_dim), L2-normalised
     text_embeds: Tensor  # (M, embed_dim), L2-normalised
     logits_per_image: Tensor  # (N, M) = exp(logit_scale) * cosine
+    logit_scale: Tensor  # (), the log of the multiplier: the parameter as forward read it
     loss: Tensor | None = None
 
     @property
@@ -61,7 +62,10 @@ class CLIP(nn.Module):
         loss = None
         if targets is not None:
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-        return CLIPOutput(image_embeds=img, text_embeds=txt, logits_per_image=logits, loss=loss)
+        # logit_scale goes out with the embeddings: a loss outside forward then never reads the
+        # parameter itself, which FSDP holds sharded outside forward.
+        return CLIPOutput(image_embeds=img, text_embeds=txt, logits_per_image=logits, logit_scale=self.logit_scale,
+                          loss=loss)
 
     @property
     def temperature(self) -> float:

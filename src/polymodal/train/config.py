@@ -45,6 +45,8 @@ class TrainConfig:
     seed: int = opt(0, "seeds weights, data order and augmentation")
     precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast is for GPUs; this CPU has no fast bf16")
     compile: bool = opt(False, "torch.compile the model")
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "under torchrun: replicate the model (ddp) or shard parameters, "
+                                           "gradients and optimizer state over ranks (fsdp)")
     save_every: int = opt(100, "write a resumable checkpoint every N steps (and at the end)")
     log_every: int = opt(10, "append a line to metrics.jsonl every N steps")
 

@@ -58,11 +58,44 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def fully_shard_model(model: nn.Module, blocks: list[nn.Module], methods: list[str] = ()) -> nn.Module:
+    """FSDP2 in place: each of `blocks` is a unit (gathered for its own forward and backward,
+    then freed), the rest of `model` the root unit; each rank keeps 1/W of every weight, its
+    gradient and its optimizer state, on its device. After backward every gradient is the
+    mean over ranks, as under DDP: FSDP reduce-scatters the sharded ones.
+
+    `fully_shard` refuses scalar parameters (CLIP's `logit_scale`): those stay whole on every
+    rank, outside FSDP, and a hook averages their gradient over ranks once it is accumulated.
+    The other parameters are DTensors afterwards (build the optimizer after this), whole only
+    inside `forward` and the `methods` that run the model like it: read nothing else of the
+    model outside them (the loss takes `logit_scale` from the forward's output).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in blocks:
+        fully_shard(block)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    fully_shard(model, ignored_params=scalars)
+    for p in scalars:
+        p.register_post_accumulate_grad_hook(_average_grad)
+    for name in methods:
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def _average_grad(p: torch.Tensor) -> None:
+    dist.all_reduce(p.grad)  # gloo has no ReduceOp.AVG
+    p.grad /= world_size()
+
+
 def average_gradients(model: nn.Module) -> None:
-    """Average `.grad` over ranks in place: what DDP does, for a backward DDP did not see."""
+    """Average `.grad` over ranks in place: what DDP does, for a backward DDP did not see.
+    Gradients of FSDP's sharded parameters (DTensors) are averaged already and left alone."""
     if not is_dist():
         return
+    from torch.distributed.tensor import DTensor
+
     for p in model.parameters():
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p.grad, DTensor):
             dist.all_reduce(p.grad)
             p.grad /= world_size()

@@ -4,12 +4,16 @@
       train_config.json       the TrainConfig it ran with
       config.json, model.safetensors, tokenizer*   the latest weights: polymodal.load(out) reads them
       state.pt                optimizer, step, data position and RNG: what resume needs
+                              (full tensors, keyed by parameter name, whatever the parallelism)
       metrics.jsonl           one line per logged step
 
 AdamW with weight decay on weights with p.dim() >= 2, linear warmup then cosine decay,
 a learning rate per part where 0 freezes it (LiT: Zhai et al. 2022), gradient clipping,
 bf16 autocast on GPUs, GradCache accumulation, checkpoints written atomically so a kill
 at any moment leaves the last complete one, and resume that continues the same loss curve.
+Under torchrun the model is replicated (DDP) or, with `parallel="fsdp"`, sharded (FSDP2:
+each transformer block a unit); checkpoints hold full tensors either way, so a run resumes
+under DDP, FSDP or one process alike.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from polymodal.checkpoints.pretrained import load_clip, save_pretrained
 from polymodal.config import CLIPConfig, config_from_dict, preset
@@ -33,7 +44,7 @@ from polymodal.models.clip import CLIP
 from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer
 from polymodal.train.accumulate import accumulated_backward
 from polymodal.train.config import TrainConfig
-from polymodal.train.distributed import init_from_env, is_dist, is_main, rank, unwrap, world_size
+from polymodal.train.distributed import fully_shard_model, init_from_env, is_dist, is_main, rank, world_size
 from polymodal.train.losses import ClipLoss, clamp_logit_scale_, total_loss
 
 
@@ -90,18 +101,39 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors; saving: on rank 0, in CPU memory
+
+
 def save_checkpoint(out: Path, model: CLIP, tokenizer: Tokenizer, optimizer, step: int, data_state: list[dict]) -> None:
     """Weights in our format, then the training state, each file written under a temporary
-    name and renamed: a kill leaves either the old or the new file, never half of one."""
+    name and renamed: a kill leaves either the old or the new file, never half of one.
+    A collective under torchrun (FSDP gathers the shards): every rank calls it, rank 0 writes."""
+    weights = get_model_state_dict(model, options=FULL)
+    optim = get_optimizer_state_dict(model, optimizer, options=FULL)  # keyed by parameter name
+    if not is_main():
+        return
+    with torch.device("meta"):
+        bare = CLIP(model.cfg)
+    bare.load_state_dict(weights, assign=True)  # a plain CLIP over the full weights, no copy
     tmp = out / ".tmp-weights"
-    save_pretrained(model, tmp, tokenizer)
+    save_pretrained(bare, tmp, tokenizer)
     for f in sorted(tmp.iterdir()):
         os.replace(f, out / f.name)
     tmp.rmdir()
-    state = {"step": step, "optimizer": optimizer.state_dict(), "data": data_state, "rng": _rng_state(),
-             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    state = {"step": step, "optimizer": optim, "data": data_state, "rng": _rng_state(), "model": weights}
     torch.save(state, out / "state.pt.tmp")
     os.replace(out / "state.pt.tmp", out / "state.pt")  # the commit point
+
+
+def _by_name(optim_state: dict, model: nn.Module, optimizer) -> dict:
+    """The optimizer state keyed by parameter name, as get_optimizer_state_dict writes it; a
+    state.pt from before FSDP support keys it by position (`optimizer.state_dict()`)."""
+    if not isinstance(optim_state["param_groups"][0]["params"][0], int):
+        return optim_state
+    names = {p: name for name, p in model.named_parameters()}
+    ordered = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {ordered[i]: s for i, s in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -125,14 +157,18 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     np.random.seed(cfg.seed)
 
     model, tokenizer = build_model(cfg)
+    fsdp = is_dist() and cfg.parallel == "fsdp"
+    if fsdp:  # before .to(device): only the shards reach the device
+        fully_shard_model(model, [*model.visual.blocks, *model.text.blocks],
+                          methods=["image_features", "text_features"])  # GradCache calls these
     model.to(device).train()
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, foreach=True)
     start, data_state = 0, None
-    if (out / "state.pt").is_file():  # resume
-        state = torch.load(out / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if (out / "state.pt").is_file():  # resume; every rank reads the full state and keeps its part
+        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+        set_model_state_dict(model, state["model"], options=FULL)
+        set_optimizer_state_dict(model, optimizer, _by_name(state["optimizer"], model, optimizer), options=FULL)
         start, data_state = state["step"], state["data"]
         _set_rng_state(state["rng"])
         _truncate_metrics(out / "metrics.jsonl", start)
@@ -148,7 +184,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                          split=cfg.split, start=data_state)
     batches = iter(stream)
     net = model
-    if is_dist() and cfg.accum == 1:
+    if is_dist() and cfg.accum == 1 and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
@@ -170,7 +206,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                                              mask.chunk(cfg.accum))
             else:
                 output = net(pixels, ids, mask)
-                terms = loss_fn(output.image_embeds, output.text_embeds, unwrap(net).logit_scale)
+                terms = loss_fn(output.image_embeds, output.text_embeds, output.logit_scale)
                 total_loss(terms).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -191,8 +227,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
             t0, samples = time.perf_counter(), 0
         if done % cfg.save_every == 0 or done == cfg.steps:
             data_states = gather_states(stream)  # a collective: every rank's data position
-            if is_main():
-                save_checkpoint(out, model, tokenizer, optimizer, done, data_states)
+            save_checkpoint(out, model, tokenizer, optimizer, done, data_states)  # a collective too
         if bar is not None:
             bar.update(bar.task_ids[0], completed=done, info=f"loss {metrics['loss']:.3f}" if metrics else "")
         if on_step is not None:
