@@ -221,7 +221,7 @@ def test_convert_transformers_clip(tmp_path, embedder):
 
 
 def test_demo(tmp_path):
-    result = run("demo", "--out", tmp_path)
+    result = run("demo", "--random", "--out", tmp_path)
     assert "randomly initialised" in result.stdout and "meaningless" in result.stdout
     for name in ("patches.png", "preprocess.png", "similarity.png", "random-clip/model.safetensors"):
         assert (tmp_path / name).is_file(), name

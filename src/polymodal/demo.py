@@ -1,5 +1,6 @@
-"""The main job of `make run` until the embedded default model exists: the machinery of CLIP
-(patches, preprocessing, embedding, similarity) on real photos with a small RANDOM model."""
+"""The machinery of CLIP (patches, preprocessing, embedding, similarity) on real photos with a
+small RANDOM model: `polymodal demo --random`, fast and offline. The main job, with the
+trained default model, is in showcase.py."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def demo_photos(on_note) -> list[tuple[str, object]]:
     return [(k, Image.fromarray((np.stack(v, -1) * 255).astype(np.uint8))) for k, v in pictures.items()]
 
 
-def run_demo(out: Path, *, progress: bool = False, on_note=print) -> dict:
+def run_random_demo(out: Path, *, progress: bool = False, on_note=print) -> dict:
     """Write patches.png, preprocess.png, random-clip/ and similarity.png into `out`."""
     import torch
 

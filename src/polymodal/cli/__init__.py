@@ -27,10 +27,11 @@ app = typer.Typer(
 # missing file and an --out that cannot be written).
 USER_ERRORS = (ImageError, TextError, CheckpointError, ValueError, OSError)
 MODEL = typer.Option(
-    ...,
+    None,
     "--model",
     "-m",
-    help="Checkpoint: a polymodal or transformers CLIP directory, OpenCLIP weights, or a hub id.",
+    help="Checkpoint: a polymodal or transformers CLIP directory, OpenCLIP weights, or a hub id "
+    "(default: the embedded default model).",
 )
 IMAGES = typer.Option(
     None,

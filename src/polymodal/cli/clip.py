@@ -268,9 +268,40 @@ def convert(
 @command
 def demo(
     out: Path = typer.Option(Path("out"), "--out", "-o", help="The directory to write into."),
+    model: str = MODEL,
+    random: bool = typer.Option(False, "--random", help="Only the machinery, with a small RANDOM model (fast, offline)."),
+    emoji_limit: int = typer.Option(400, "--emoji-limit", min=1, help="Apple-style emoji in the collection."),
+    clipart_limit: int = typer.Option(1500, "--clipart-limit", min=10, help="Clip art pictures drawn "
+                                      "(about a tenth are held-out subjects, which the collection keeps)."),
     json_: bool = JSON,
 ) -> None:
-    """Patches, preprocessing and a similarity matrix of a small RANDOM model on scikit-image's photos."""
+    """The default CLIP on a collection it never trained on: searches, zero-shot, report.html."""
+    if random:
+        return _random_demo(out, json_)
+    from polymodal.showcase import run_showcase
+
+    report = run_showcase(out, model=model, emoji_limit=emoji_limit, clipart_limit=clipart_limit,
+                          progress=_progress(), on_note=say)
+    if json_:
+        return _emit({"out": str(out), "report": str(out / "report.html"), "images": report["images"],
+                      "searches": {q: [r["caption"] for r in rs] for q, rs in report["searches"].items()}})
+    console = _console()
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("query", "top results (score)", title=f"text search over {report['images']} unseen images")
+    for query, results in report["searches"].items():
+        table.add_row(escape(query), escape(", ".join(f"{r['caption']} ({r['score']:.2f})" for r in results[:3])))
+    console.print(table)
+    q = report["image_search"]
+    console.print(f"image search with {q['query']['caption']}: "
+                  + ", ".join(f"{r['caption']} ({r['score']:.2f})" for r in q["results"][:3]))
+    for z in report["zero_shot"][:4]:
+        console.print(f"zero-shot {z['caption']}: " + ", ".join(f"{lab} {p:.2f}" for lab, p in z["labels"]))
+    typer.echo(f"report -> {out / 'report.html'}")
+
+
+def _random_demo(out: Path, json_: bool) -> None:
     console = _console()
     warning = (
         "The model is small and randomly initialised: its similarities are meaningless. "
@@ -280,9 +311,9 @@ def demo(
         say(f"note: {warning}")
     else:
         console.print(f"[bold yellow]NOTE:[/] {warning}")
-    from polymodal.demo import run_demo
+    from polymodal.demo import run_random_demo
 
-    report = run_demo(out, progress=_progress(), on_note=say)
+    report = run_random_demo(out, progress=_progress(), on_note=say)
     if json_:
         return _emit({"warning": warning, **report})
     title = "cosine similarity (random model: meaningless)"

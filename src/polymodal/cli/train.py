@@ -42,11 +42,24 @@ def _with_config_options(fn):
     return fn
 
 
+def recipe_path(name: str) -> Path:
+    """A TrainConfig file: a path, or the name of a recipe shipped in polymodal/recipes/."""
+    from importlib import resources
+
+    if Path(name).is_file():
+        return Path(name)
+    shipped = Path(str(resources.files("polymodal") / "recipes" / f"{Path(name).stem}.json"))
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"{name}: no such TrainConfig file or recipe")
+
+
 @command(name="clip", group=train_app)
 @_with_config_options
 def train_clip(
     out: Path = typer.Option(..., "--out", "-o", help="The run directory (resumed if it holds a checkpoint)."),
-    config: Path = typer.Option(None, "--config", "-c", help="A TrainConfig .json; options given here override it."),
+    config: str = typer.Option(None, "--config", "-c", help="A TrainConfig .json, or a recipe name "
+                               "(default-clip); options given here override it."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     json_: bool = JSON,
     **options,
@@ -56,7 +69,7 @@ def train_clip(
 
     base = TrainConfig()
     if config is not None:
-        base = TrainConfig.load(config)
+        base = TrainConfig.load(recipe_path(config))
     elif (out / "train_config.json").is_file():  # resuming: the run's own config
         base = TrainConfig.load(out / "train_config.json")
     cfg = base.replace(**{k: v for k, v in options.items() if v is not None})

@@ -48,16 +48,18 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def text_features(self, ids: Tensor, attention_mask: Tensor | None = None, *,
-                      normalize: bool = True) -> Tensor:
-        """ids (M, T) -> (M, embed_dim)."""
-        x = self.text_proj(self.text(ids, attention_mask).pooled)
+                      normalize: bool = True, pooled: Tensor | None = None) -> Tensor:
+        """ids (M, T) -> (M, embed_dim). pooled: the text tower's output for these ids, when
+        already known (a locked tower's cache): only the projection runs."""
+        x = self.text_proj(self.text(ids, attention_mask).pooled if pooled is None else pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,
-                targets: Tensor | None = None) -> CLIPOutput:
-        """targets (N,): the index of each image's text; sets the symmetric InfoNCE loss."""
+                targets: Tensor | None = None, text_pooled: Tensor | None = None) -> CLIPOutput:
+        """targets (N,): the index of each image's text; sets the symmetric InfoNCE loss.
+        text_pooled (M, text width): the text tower's output, when cached (see train/lit.py)."""
         img = self.image_features(pixels)
-        txt = self.text_features(ids, attention_mask)
+        txt = self.text_features(ids, attention_mask, pooled=text_pooled)
         logits = self.logit_scale.exp() * img @ txt.t()  # (N, M)
         loss = None
         if targets is not None:

