@@ -79,13 +79,15 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: S
 
 def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", label_key: str | None = "category",
                     templates: Sequence[str] = TEMPLATES, where: dict[str, str] | None = None,
-                    text_key: str | None = None, progress: bool = False, on_error=None) -> dict:
+                    text_key: str | None = None, label_names: dict[str, str] | None = None,
+                    progress: bool = False, on_error=None) -> dict:
     """Retrieval over the images and captions of a split of a folder data set and, when its
     records carry `label_key`, zero-shot accuracy over the labels found.
 
     where: keep only records whose fields equal these values (compared as strings, e.g.
     {"style": "apple"}). text_key: query with this record field (e.g. "name") instead of the
-    captions, once per image. Bad images are skipped (reported to `on_error`) and counted."""
+    captions, once per image. label_names: the words prompts use for labels ({"2": "two"}).
+    Bad images are skipped (reported to `on_error`) and counted."""
     from polymodal.data.pairs import PairDataset
 
     data = PairDataset(root, split=split)
@@ -107,7 +109,8 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     labels: dict[str, str] = {}
     for p in pairs:
         if label_key and label_key in p.meta:
-            labels.setdefault(p.image, str(p.meta[label_key]))
+            label = str(p.meta[label_key])
+            labels.setdefault(p.image, (label_names or {}).get(label, label))
     if labels and len(labels) == len(position):
         ordered = sorted(position, key=position.get)
         report["zero_shot"] = zero_shot(embedder, result.vectors, [labels[i] for i in ordered], templates=templates)

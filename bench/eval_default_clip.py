@@ -1,0 +1,89 @@
+"""The figures of MODEL_CARD.md: the default CLIP (or any --model) on held-out data.
+
+    .venv/bin/python bench/eval_default_clip.py --emoji DATA/emoji --clipart DATA/clipart --scenes DATA/scenes
+
+DATA/emoji must hold the Apple style too (`polymodal data emoji DATA/emoji --style google
+--style twitter --style openmoji --style apple`). Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+SYNONYMS = {  # a query no caption contains -> words of the emoji names it should find
+    "kitty": ("cat",), "automobile": ("car", "automobile", "taxi"), "puppy": ("dog", "poodle"),
+    "sweetheart": ("heart", "kiss", "love"), "beverage": ("coffee", "tea", "beer", "wine", "drink", "cocktail",
+                                                           "milk", "juice", "sake", "bottle", "cup", "glass"),
+}
+TEMPLATES = ("{}", "an emoji of {}", "a picture of {}")
+
+
+def synonym_search(embedder, root, style: str = "apple", k: int = 10) -> dict:
+    """For each query: is any image whose name holds one of its words in the top k, and how many."""
+    from polymodal.data.pairs import PairDataset
+
+    data = PairDataset(root, split="test")
+    names = {}
+    for p in data.pairs:
+        if p.meta.get("style") == style:
+            names.setdefault(p.image, str(p.meta.get("name", "")))
+    images = list(names)
+    vectors = embedder.encode_image([str(data.root / i) for i in images])
+    out = {}
+    for query, words in SYNONYMS.items():
+        scores = vectors @ embedder.encode_text([query])[0]
+        top = np.argsort(-scores)[:k]
+        relevant = [any(w in names[images[i]].split() for w in words) for i in top]
+        out[query] = {"hit": bool(any(relevant)), "relevant_in_top": int(sum(relevant)),
+                      "top": [names[images[i]] for i in top[:5]]}
+    return {"pool": len(images), "style": style, "queries": out}
+
+
+def main() -> None:
+    import polymodal
+    from polymodal.tasks.evaluate import evaluate_folder
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--emoji", required=True)
+    ap.add_argument("--clipart", required=True)
+    ap.add_argument("--scenes", required=True)
+    args = ap.parse_args()
+    embedder = polymodal.load(args.model)
+
+    def summary(report, per_class=False):
+        out = {"images": report["images"], "texts": report["texts"], **report["retrieval"]}
+        if "zero_shot" in report:
+            out["zero_shot_accuracy"] = report["zero_shot"].accuracy
+            if per_class:
+                out["per_class"] = report["zero_shot"].per_class
+        return out
+
+    figures: dict = {"emoji_heldout": {}, "emoji_names": {}}
+    for style in ("google", "twitter", "openmoji", "apple"):
+        where = {"style": style} if style != "apple" else {"style": "apple", "heldout": "True"}
+        figures["emoji_heldout"][style] = summary(evaluate_folder(
+            embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where=where), True)
+        figures["emoji_names"][style] = summary(evaluate_folder(
+            embedder, args.emoji, split="test", label_key=None, where=where, text_key="name"))
+    figures["emoji_apple_all"] = summary(evaluate_folder(
+        embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where={"style": "apple"}), True)
+    figures["synonyms"] = synonym_search(embedder, args.emoji)
+    figures["clipart_subjects"] = summary(evaluate_folder(embedder, args.clipart, split="test", label_key=None,
+                                                          text_key="name"))
+    # scenes with one object: its colour and its shape; all scenes: how many objects
+    figures["scenes_colour"] = summary(evaluate_folder(embedder, args.scenes, split="test", label_key="colour",
+                                                       where={"count": "1"}, templates=("a {} shape", "a {} object")))
+    figures["scenes_shape"] = summary(evaluate_folder(embedder, args.scenes, split="test", label_key="shape",
+                                                      where={"count": "1"}, templates=("a {}", "a picture of a {}")))
+    figures["scenes_count"] = summary(evaluate_folder(
+        embedder, args.scenes, split="test", label_key="count", templates=("{} shapes", "{} objects"),
+        label_names={"1": "one", "2": "two", "3": "three", "4": "four"}), True)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
