@@ -15,14 +15,18 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and b(), alternated so drifts in machine load hit both."""
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -49,8 +53,8 @@ def main() -> None:
             b = ref.get_image_features(pixel_values=pixels)
             b = b if torch.is_tensor(b) else b.pooler_output
             diff = (a - b).abs().max().item()
-            t_ours = timed(lambda x=pixels: ours.image_features(x, normalize=False), args.repeats)
-            t_ref = timed(lambda x=pixels: ref.get_image_features(pixel_values=x), args.repeats)
+            t_ours, t_ref = timed_pair(lambda x=pixels: ours.image_features(x, normalize=False),
+                                       lambda x=pixels: ref.get_image_features(pixel_values=x), args.repeats)
         print(f"batch {batch:3d}: polymodal {batch / t_ours:7.1f} img/s, transformers {batch / t_ref:7.1f} img/s, "
               f"speed ratio polymodal/reference {t_ref / t_ours:.2f}x (max abs diff {diff:.1e})")
 
