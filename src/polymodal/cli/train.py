@@ -158,7 +158,7 @@ def shards(
     json_: bool = JSON,
 ) -> None:
     """Write WebDataset-style tar shards (key.png + key.txt) from a folder data set; a rerun completes a killed run."""
-    from polymodal.data.shards import write_shards
+    from polymodal.data.shard_writer import write_shards
 
     written = write_shards(src, out, per_shard=per_shard, progress=_progress(), seed=seed)
     if json_:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from polymodal.data.augment import AugmentConfig, augment_rng
     from polymodal.data.loader import TrainStream, gather_states
     from polymodal.data.pairs import Pair, PairDataset
+    from polymodal.data.shard_writer import write_shards
     from polymodal.data.shards import (
         Sample,
         ShardReader,
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
         iter_samples,
         list_shards,
         read_manifest,
-        write_shards,
     )
 
 _HOME = {
@@ -33,7 +33,7 @@ _HOME = {
     "TrainStream": "loader", "gather_states": "loader",
     "Pair": "pairs", "PairDataset": "pairs",
     "Sample": "shards", "ShardReader": "shards", "expand_braces": "shards", "iter_samples": "shards",
-    "list_shards": "shards", "read_manifest": "shards", "write_shards": "shards",
+    "list_shards": "shards", "read_manifest": "shards", "write_shards": "shard_writer",
 }  # fmt: skip
 
 __all__ = [
