@@ -25,6 +25,14 @@ def load(path=None, **kwargs):
     return Embedder.from_pretrained(default_model_dir() if path is None else path, **kwargs)
 
 
+def load_vlm(path):
+    """A BLIP-2 checkpoint (own format or a transformers directory) -> a `VLM` (see tasks/vlm.py):
+    caption, ask, chat. No default VLM ships yet, so a path is required."""
+    from polymodal.tasks.vlm import VLM
+
+    return VLM.from_pretrained(path)
+
+
 def load_tokenizer(path):
     """The tokenizer of a checkpoint directory (own, transformers or OpenCLIP layout)."""
     from polymodal.checkpoints.pretrained import load_clip_tokenizer
@@ -38,4 +46,4 @@ def list_models() -> list[str]:
     return _list()
 
 
-__all__ = ["__version__", "list_models", "load", "load_tokenizer"]
+__all__ = ["__version__", "list_models", "load", "load_tokenizer", "load_vlm"]
