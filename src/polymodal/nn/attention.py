@@ -105,7 +105,7 @@ class Attention(nn.Module):
             q, k = rope(q, past), rope(k, past)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, kv_heads, past + T, head_dim)
-        if self.kv_heads != self.heads:
+        if eager and self.kv_heads != self.heads:  # SDPA shares kv heads itself (enable_gqa), no copy
             repeat = self.heads // self.kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, heads, S, head_dim)
             v = v.repeat_interleave(repeat, dim=1)
@@ -130,7 +130,8 @@ def _merge_masks(mask: Tensor | None, allowed: Tensor, dtype: torch.dtype) -> Te
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query: each kv head serves heads / kv_heads query heads
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
