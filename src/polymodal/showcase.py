@@ -79,7 +79,7 @@ def _picture(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def run_showcase(out: Path, *, model=None, emoji_limit: int | None = 400, clipart_limit: int | None = 1500,
+def run_showcase(out: Path, *, model=None, emoji_limit: int | None = 2000, clipart_limit: int | None = 1500,
                  k: int = 5, progress: bool = False, on_note: Callable[[str], None] = print) -> dict:
     import polymodal
     from polymodal.processing.image import load_image

@@ -270,7 +270,7 @@ def demo(
     out: Path = typer.Option(Path("out"), "--out", "-o", help="The directory to write into."),
     model: str = MODEL,
     random: bool = typer.Option(False, "--random", help="Only the machinery, with a small RANDOM model (fast, offline)."),
-    emoji_limit: int = typer.Option(400, "--emoji-limit", min=1, help="Apple-style emoji in the collection."),
+    emoji_limit: int = typer.Option(2000, "--emoji-limit", min=1, help="Apple-style emoji in the collection (all: 1,903)."),
     clipart_limit: int = typer.Option(1500, "--clipart-limit", min=10, help="Clip art pictures drawn "
                                       "(about a tenth are held-out subjects, which the collection keeps)."),
     json_: bool = JSON,
