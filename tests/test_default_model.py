@@ -48,3 +48,23 @@ def test_heldout_emoji_zero_shot_stays_above_its_floor(model, heldout_emoji):
     assert report["zero_shot"].accuracy >= max(FLOOR, 3 * chance), report["zero_shot"].per_class
     assert report["retrieval"]["text_to_image_R@10"] >= R10_FLOOR
 
+
+
+def test_the_main_job_end_to_end(tmp_path):
+    """`polymodal demo` (what `make run` runs) on a small collection: report and results."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from polymodal.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--emoji-limit", "40", "--clipart-limit", "200",
+                                   "--json"])
+    if res.exit_code != 0 and "unavailable" in res.stderr:
+        pytest.skip(f"package registries unavailable: {res.stderr.strip()}")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["images"] >= 40 and all(len(v) == 5 for v in doc["searches"].values())
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("<figure>") >= 5 * len(doc["searches"]) and "data:image/png;base64," in report
+    assert (tmp_path / "similarity.png").is_file() and (tmp_path / "patches.png").is_file()
