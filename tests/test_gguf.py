@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -379,3 +380,21 @@ def test_unsupported_files_are_clear_errors(tmp_path):
     (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04 a zip file, say")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_gguf(tmp_path / "not.gguf")
+
+
+def test_cli_convert_gguf(tmp_path):
+    from typer.testing import CliRunner
+
+    from polymodal.cli import app
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_reference("llama", True), "llama", Q.F32)
+    res = CliRunner().invoke(app, ["convert", str(path), str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert {"config.json", "model.safetensors"} <= set(json.loads(res.stdout)["files"])
+    (a, _, _), (b, _, _) = load_lm(path), load_lm(tmp_path / "out")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    path.write_bytes(path.read_bytes()[:2000])  # truncated: one clear line, exit 2
+    res = CliRunner().invoke(app, ["convert", str(path), str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "tiny.gguf" in res.stderr

@@ -255,10 +255,15 @@ def convert(
     ),
     json_: bool = JSON,
 ) -> None:
-    """Convert a checkpoint (transformers, OpenCLIP, ...) to polymodal's own format."""
-    from polymodal.checkpoints.pretrained import convert as run_convert
+    """Convert a checkpoint (transformers or OpenCLIP CLIP, a GGUF language model) to polymodal's own format."""
+    if src.endswith(".gguf"):
+        from polymodal.checkpoints.gguf import convert_gguf
 
-    out = run_convert(src, dst, act=act)
+        out = convert_gguf(src, dst)
+    else:
+        from polymodal.checkpoints.pretrained import convert as run_convert
+
+        out = run_convert(src, dst, act=act)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     if json_:
         return _emit({"out": str(out), "files": files})
