@@ -10,10 +10,9 @@ then the two are timed alternately (median) and the ratio polymodal/reference pr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import timed_pair
 
 
 def main() -> None:
@@ -56,16 +55,9 @@ def main() -> None:
 
         with torch.inference_mode():
             same = torch.equal(mine(), theirs())
-            t_ours, t_ref = [], []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                mine()
-                t_ours.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                theirs()
-                t_ref.append(time.perf_counter() - t0)
+            t_ours, t_ref = timed_pair(mine, theirs, args.repeats, warmup=False)
         n = batch * args.new_tokens
-        a, b = n / statistics.median(t_ours), n / statistics.median(t_ref)
+        a, b = n / t_ours, n / t_ref
         print(f"batch {batch}: polymodal {a:.1f} tokens/s, transformers {b:.1f} tokens/s, "
               f"speed ratio polymodal/reference {a / b:.2f}x (tokens identical: {same})")
 

@@ -9,24 +9,9 @@ then alternates timed runs (warm-up, median of `repeats`) and prints polymodal/r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-
-
-def timed_pair(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of a() and b(), alternated so drifts in machine load hit both."""
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+from timing import timed_pair
 
 
 def main() -> None:

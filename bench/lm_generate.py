@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import timed_pair
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
              "What is 2 + 2?", "Who wrote Hamlet?", "Give me a tip for learning Python.",
@@ -61,16 +60,9 @@ def main() -> None:
 
         with torch.inference_mode():
             same = torch.equal(ours(), theirs())
-            t_ours, t_ref = [], []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                ours()
-                t_ours.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                theirs()
-                t_ref.append(time.perf_counter() - t0)
+            t_ours, t_ref = timed_pair(ours, theirs, args.repeats, warmup=False)
         n = batch * args.new_tokens
-        a, b = n / statistics.median(t_ours), n / statistics.median(t_ref)
+        a, b = n / t_ours, n / t_ref
         print(f"batch {batch}: polymodal {a:.1f} tokens/s, transformers {b:.1f} tokens/s, "
               f"speed ratio polymodal/reference {a / b:.2f}x (tokens identical: {same})")
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
+from timing import timed_pair
 
 
 def main() -> None:
@@ -69,15 +68,8 @@ def main() -> None:
     a, b = step_ours(), step_ref()  # the first steps also warm up
     print(f"vision width {w} x {args.layers} layers, text width {tw}, batch {args.batch}, fp32, "
           f"{torch.get_num_threads()} threads; first-step losses {a:.6f} vs {b:.6f} (diff {abs(a - b):.1e})")
-    t_ours, t_ref = [], []
-    for _ in range(args.repeats):  # alternate, so drifts in machine load hit both sides
-        t0 = time.perf_counter()
-        step_ours()
-        t_ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        step_ref()
-        t_ref.append(time.perf_counter() - t0)
-    s_ours, s_ref = args.batch / statistics.median(t_ours), args.batch / statistics.median(t_ref)
+    t_ours, t_ref = timed_pair(step_ours, step_ref, args.repeats, warmup=False)
+    s_ours, s_ref = args.batch / t_ours, args.batch / t_ref
     print(f"polymodal {s_ours:.1f} samples/s, transformers {s_ref:.1f} samples/s, "
           f"speed ratio polymodal/reference {s_ours / s_ref:.2f}x")
 

@@ -26,9 +26,16 @@ import torch
 from torch import Tensor
 
 from polymodal.checkpoints import hf_lm
-from polymodal.checkpoints.state import CheckpointError, StateReader, load_exact, read_state_dict
-from polymodal.config import LMConfig, load_config, save_config
+from polymodal.checkpoints.state import (
+    CheckpointError,
+    StateReader,
+    load_exact,
+    read_state_dict,
+    write_checkpoint,
+)
+from polymodal.config import LMConfig, load_config
 from polymodal.models.lm import DecoderLM
+from polymodal.processing.chat import read_chat_template, write_chat_template
 from polymodal.processing.tokenizer import Tokenizer, bpe_tokenizer, load_tokenizer
 
 ARCHITECTURES = ("llama", "qwen2")  # general.architecture values we read
@@ -37,7 +44,6 @@ ARCHITECTURES = ("llama", "qwen2")  # general.architecture values we read
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # llama.cpp's pre-tokenizer splits (llama-vocab.cpp), by tokenizer.ggml.pre: (regex, digits first).
 # A None regex is GPT-2's, which `tokenizers`' ByteLevel applies itself. The StarCoder family
@@ -244,17 +250,8 @@ def save_lm(model: DecoderLM, directory: str | Path, tokenizer: Tokenizer | None
             chat_template: str | None = None) -> Path:
     """Our own LM format: config.json (model_type "lm"), model.safetensors, the tokenizer files and
     chat_template.jinja."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_config(model.cfg, directory / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
-    if tokenizer is not None:
-        tokenizer.save(directory)
-    if chat_template is not None:
-        (directory / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    directory = write_checkpoint(directory, model.cfg, model.state_dict(), tokenizer)
+    write_chat_template(directory, chat_template)
     return directory
 
 
@@ -264,13 +261,6 @@ def convert_gguf(src: str | Path, dst: str | Path) -> Path:
     return save_lm(model, dst, tokenizer, chat_template)
 
 
-def _chat_template(directory: Path) -> str | None:
-    """chat_template.jinja, or the `chat_template` string of a transformers tokenizer_config.json."""
-    if (directory / CHAT_TEMPLATE_FILE).is_file():
-        return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    config = directory / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) else None
 
 
 def is_gguf(path: Path) -> bool:
@@ -295,12 +285,12 @@ def load_lm(path: str | Path) -> tuple[DecoderLM, Tokenizer | None, str | None]:
         cfg = load_config(cfg_file)
         model = load_exact(DecoderLM(cfg), read_state_dict(p / "model.safetensors"), str(p))
         tokenizer = load_tokenizer(p) if (p / "tokenizer.json").is_file() else None
-        return model.eval(), tokenizer, _chat_template(p)
+        return model.eval(), tokenizer, read_chat_template(p)
     if hf_lm.is_hf_lm(p):
         try:
             tokenizer = load_tokenizer(p)
         except (FileNotFoundError, ValueError):  # a tokenizer kind we do not read (sentencepiece, say)
             tokenizer = None
-        return hf_lm.load_hf_lm(p), tokenizer, _chat_template(p)
+        return hf_lm.load_hf_lm(p), tokenizer, read_chat_template(p)
     raise CheckpointError(f"{p}: not an LM polymodal knows (own format with model_type 'lm', a GGUF file, "
                           "or a transformers OPT / Llama / Qwen2 directory)")

@@ -17,8 +17,14 @@ import re
 from pathlib import Path
 
 from polymodal.checkpoints import hf_clip, openclip
-from polymodal.checkpoints.state import CheckpointError, find_weights, load_exact, read_state_dict
-from polymodal.config import config_from_dict, save_config
+from polymodal.checkpoints.state import (
+    CheckpointError,
+    find_weights,
+    load_exact,
+    read_state_dict,
+    write_checkpoint,
+)
+from polymodal.config import config_from_dict
 from polymodal.models.clip import CLIP
 from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer, load_tokenizer
 
@@ -39,18 +45,10 @@ def default_model_dir() -> Path:
 
 def save_pretrained(model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write config.json, model.safetensors and the tokenizer into `directory`."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_config(model.cfg, directory / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if model.cfg.text_weights:  # a frozen pretrained text tower is read from its own files
         state = {k: v for k, v in state.items() if not k.startswith("text.")}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
-    if tokenizer is not None:
-        tokenizer.save(directory)
-    return directory
+    return write_checkpoint(directory, model.cfg, state, tokenizer)
 
 
 def is_own_format(directory: Path) -> bool:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from polymodal.config import save_config
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
@@ -101,3 +103,17 @@ def load_exact(model: nn.Module, state: Mapping[str, Tensor], source: str = "che
                               f"unexpected {extra[:8]}, shape mismatches {bad[:8]}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return model
+
+
+def write_checkpoint(directory: str | Path, cfg, state: Mapping[str, Tensor], tokenizer=None) -> Path:
+    """Our one format: `config.json` (the config dataclass), `model.safetensors`, the tokenizer files."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, directory / "config.json")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

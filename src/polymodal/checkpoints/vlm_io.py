@@ -13,25 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polymodal.checkpoints.state import CheckpointError, load_exact, read_state_dict
-from polymodal.config import Blip2Config, ImageTransformConfig, config_from_dict, save_config
+from polymodal.checkpoints.state import CheckpointError, load_exact, read_state_dict, write_checkpoint
+from polymodal.config import Blip2Config, ImageTransformConfig, config_from_dict
+from polymodal.processing.chat import read_chat_template, write_chat_template
 from polymodal.processing.tokenizer import Tokenizer, load_tokenizer
-
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def save_vlm(model, directory: str | Path, tokenizer: Tokenizer, chat_template: str | None = None) -> Path:
     """Write config.json, model.safetensors, the tokenizer files and chat_template.jinja (if any)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_config(model.cfg, directory / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
-    tokenizer.save(directory)
-    if chat_template is not None:
-        (directory / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    directory = write_checkpoint(directory, model.cfg, model.state_dict(), tokenizer)
+    write_chat_template(directory, chat_template)
     return directory
 
 
@@ -40,13 +31,6 @@ def is_own_vlm(directory: Path) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "blip2"
 
 
-def _chat_template(directory: Path) -> str | None:
-    """chat_template.jinja, or the `chat_template` string of a transformers tokenizer_config.json."""
-    if (directory / CHAT_TEMPLATE_FILE).is_file():
-        return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    config = directory / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) else None
 
 
 def hf_bpe_tokenizer(directory: Path, cfg: Blip2Config) -> Tokenizer:
@@ -92,7 +76,7 @@ def load_vlm_checkpoint(path: str | Path):
         raise CheckpointError(f"{p}: not a VLM polymodal knows (own format with model_type 'blip2', "
                               "or a transformers BLIP-2 directory)")
     transform: ImageTransformConfig = model.cfg.image_transform
-    return model, tokenizer, _chat_template(p), transform
+    return model, tokenizer, read_chat_template(p), transform
 
 
 __all__ = ["load_vlm_checkpoint", "save_vlm"]

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 MIN_JINJA = (3, 1, 6)  # older releases have known sandbox escapes
@@ -140,3 +141,20 @@ def template_tokens(tokenizer) -> dict[str, str]:
     transformers hands every template (those it has)."""
     ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
     return {name: tokenizer.backend.id_to_token(i) for name, i in ids.items() if i is not None}
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """chat_template.jinja, or the `chat_template` string of a transformers tokenizer_config.json."""
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def write_chat_template(directory: Path, template: str | None) -> None:
+    if template is not None:
+        (directory / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")

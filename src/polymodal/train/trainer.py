@@ -130,17 +130,6 @@ def save_checkpoint(out: Path, model: CLIP, tokenizer: Tokenizer, optimizer, ste
     os.replace(out / "state.pt.tmp", out / "state.pt")  # the commit point
 
 
-def _by_name(optim_state: dict, model: nn.Module, optimizer) -> dict:
-    """The optimizer state keyed by parameter name, as get_optimizer_state_dict writes it; a
-    state.pt from before FSDP support keys it by position (`optimizer.state_dict()`)."""
-    if not isinstance(optim_state["param_groups"][0]["params"][0], int):
-        return optim_state
-    names = {p: name for name, p in model.named_parameters()}
-    ordered = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    return {"state": {ordered[i]: s for i, s in optim_state["state"].items()},
-            "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines a killed run logged after its last checkpoint: they will be redone."""
     if path.is_file():
@@ -173,7 +162,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     if (out / "state.pt").is_file():  # resume; every rank reads the full state and keeps its part
         state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
         set_model_state_dict(model, state["model"], options=FULL)
-        set_optimizer_state_dict(model, optimizer, _by_name(state["optimizer"], model, optimizer), options=FULL)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL)
         start, data_state = state["step"], state["data"]
         _set_rng_state(state["rng"])
         _truncate_metrics(out / "metrics.jsonl", start)
