@@ -165,7 +165,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL)
         start, data_state = state["step"], state["data"]
         _set_rng_state(state["rng"])
-        _truncate_metrics(out / "metrics.jsonl", start)
+        if is_main():  # rank 0 alone owns the metrics file
+            _truncate_metrics(out / "metrics.jsonl", start)
     if is_main():
         cfg.save(out / "train_config.json")
 
