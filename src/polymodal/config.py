@@ -335,3 +335,62 @@ _NESTED.update({
     ("Blip2Config", "image_transform"): ImageTransformConfig.from_dict,
 })
 CONFIGS["blip2"] = Blip2Config
+
+
+@dataclass(frozen=True)
+class PerceiverConfig(_Config):
+    """The Perceiver Resampler (Alayrac et al. 2022, Figure 5): `latents` learned queries attend,
+    `depth` times, to [media features; latents]; `max_frames` media-time embeddings tell video
+    frames apart (0: none, as IDEFICS). `mlp_ratio` x the media width is the feed-forward width."""
+
+    latents: int = 64
+    depth: int = 6
+    heads: int = 16
+    head_dim: int = 96
+    mlp_ratio: int = 4
+    qk_norm: bool = False
+    max_frames: int = 8
+
+    def __post_init__(self):
+        if min(self.latents, self.depth, self.heads, self.head_dim, self.mlp_ratio) < 1 or self.max_frames < 0:
+            raise ConfigError("PerceiverConfig: latents, depth, heads, head_dim, mlp_ratio must be >= 1, "
+                              "max_frames >= 0")
+
+
+@dataclass(frozen=True)
+class FlamingoConfig(_Config):
+    """Flamingo (Alayrac et al. 2022): a frozen vision tower, a Perceiver Resampler, and a frozen decoder
+    LM with a gated cross-attention block before every `cross_every`-th layer (layer i when
+    i % cross_every == 0, as IDEFICS). A text token sees the latest `image_token_id` at or before it;
+    after an `end_of_chunk_token_id` (None: never) it sees none until the next image."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    cross_every: int = 4
+    xattn_mlp_dim: int | None = None  # None: the LM's mlp_dim
+    xattn_qk_norm: bool = False
+    gate: Literal["float", "vector"] = "float"
+    image_token_id: int = 32000
+    end_of_chunk_token_id: int | None = None
+    image_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    model_type: str = "flamingo"
+
+    def __post_init__(self):
+        if self.cross_every < 1:
+            raise ConfigError("FlamingoConfig: cross_every must be >= 1")
+        if self.gate not in ("float", "vector"):
+            raise ConfigError(f"FlamingoConfig: unknown gate {self.gate!r}; known: float, vector")
+
+    @property
+    def cross_layers(self) -> int:
+        return len(range(0, self.lm.layers, self.cross_every))
+
+
+_NESTED.update({
+    ("FlamingoConfig", "vision"): VisionConfig.from_dict,
+    ("FlamingoConfig", "perceiver"): PerceiverConfig.from_dict,
+    ("FlamingoConfig", "lm"): LMConfig.from_dict,
+    ("FlamingoConfig", "image_transform"): ImageTransformConfig.from_dict,
+})
+CONFIGS["flamingo"] = FlamingoConfig

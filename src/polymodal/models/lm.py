@@ -14,6 +14,7 @@ from a KV cache place every real token where `transformers` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,14 @@ class DecoderLM(nn.Module):
     def forward(self, ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 targets: Tensor | None = None, positions: Tensor | None = None,
-                eager: bool = False) -> LMOutput:
+                eager: bool = False, before_block: Callable[[int, Tensor], Tensor] | None = None) -> LMOutput:
         """ids (B, T), or inputs_embeds (B, T, embed_dim) such as soft visual prompts.
 
         attention_mask (B, past + T): 1 = real token, 0 = (left) padding, covering the cached
         positions too. targets (B, T): the ids themselves, -100 where no loss is wanted; the
         loss predicts targets[:, t + 1] from position t. positions (B, T) overrides the ids
-        computed from the mask.
+        computed from the mask. before_block(i, x) -> x runs before block i (Flamingo's gated
+        cross-attention layers go there).
         """
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
@@ -124,6 +126,8 @@ class DecoderLM(nn.Module):
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         mask = self._mask(attention_mask, T) if attention_mask is not None else None
         for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, mask=mask, causal=True, cache=cache, layer=i, rope=rope, eager=eager)
         if self.norm_final is not None:
             x = self.norm_final(x)

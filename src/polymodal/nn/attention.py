@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.nn.norm import make_norm
+
 
 class KVCache:
     """Keys and values of past positions, preallocated per layer.
@@ -55,11 +57,13 @@ class Attention(nn.Module):
     Self-attention projects queries, keys and values with one fused `qkv` Linear;
     cross-attention projects queries from `x` with `q` and keys and values from the
     context with one fused `kv` Linear. `kv_heads < heads` gives grouped-query attention.
+    `qk_norm` ("layer" or "rms") normalises each head's queries and keys before the scores
+    (Dehghani et al. 2023; IDEFICS's perceiver and gated cross-attention).
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, context_dim: int | None = None,
                  head_dim: int | None = None, bias: bool = True, out_bias: bool | None = None,
-                 cross: bool = False):
+                 cross: bool = False, qk_norm: str | None = None, qk_norm_eps: float = 1e-6):
         super().__init__()
         if heads < 1 or (head_dim is None and dim % heads):
             raise ValueError(f"width {dim} cannot be split into {heads} heads")
@@ -76,6 +80,11 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=bias)
         self.out = nn.Linear(q_dim, dim, bias=bias if out_bias is None else out_bias)
+        if qk_norm is not None:
+            self.q_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
+            self.k_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def _split(self, t: Tensor, heads: int) -> Tensor:
         B, T, _ = t.shape
@@ -99,6 +108,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q, k, v = self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, before positions and the cache
 
         past = cache.length(layer) if cache is not None else 0
         if rope is not None:
