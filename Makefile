@@ -12,6 +12,8 @@ OUT     ?= out
 $(STAMP): pyproject.toml
 	# System libraries: cairo rasterises OpenMoji's SVGs (cairosvg).
 	@ldconfig -p | grep -q 'libcairo.so.2 ' || (apt-get update -qq && apt-get install -y -qq libcairo2)
+	# Headless Chromium and its driver: the web page's end-to-end test (tests/test_web.py).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch lies on disk; a looser pin would pull a CUDA build of several GB.
