@@ -9,7 +9,6 @@ runs alone (its prompt and KV cache are its own) but waits in the same bounded q
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +60,8 @@ class ChatResult:
 
 
 class Services:
-    """The loaded models and the batchers in front of them. `collection` is used under a lock."""
+    """The loaded models and the batchers in front of them. The collection is searched from the
+    server's threads (it locks its index itself; SQLite is in serialized mode)."""
 
     def __init__(self, cfg: ServeConfig, *, embedder=None, collection=None, vlm=None,
                  model_name: str = "polymodal-clip", vlm_name: str | None = None):
@@ -69,7 +69,6 @@ class Services:
             embedder = collection.embedder
         self.cfg, self.embedder, self.collection, self.vlm = cfg, embedder, collection, vlm
         self.model_name, self.vlm_name = model_name, vlm_name
-        self.collection_lock = threading.Lock()
         self.captions: OrderedDict[int, str] = OrderedDict()  # caption cache for collection items
         self.thumbnails: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (id, size) -> PNG
         self.embed_batcher = None
