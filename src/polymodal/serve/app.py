@@ -4,8 +4,8 @@
     app = create_app(Services(ServeConfig(), collection=Collection.open("photos.db"), vlm=load_vlm(...)))
 
 The app is a composition of routers (health, OpenAI-compatible, polymodal's own, the web page);
-another face adds its router with `app.include_router(...)` and finds the models on
-`request.app.state.services`. Two pure-ASGI layers sit in front of every route: the request size
+another face passes its router to `create_app(services, routers=[...])` (or calls
+`app.include_router`) and finds the models on `request.app.state.services`. Two pure-ASGI layers sit in front of every route: the request size
 cap (413, before the body is parsed) and the optional API key (401).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -122,12 +123,13 @@ async def _reply(send, status: int, message: str, headers: dict | None = None) -
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: Services, routers: Iterable[APIRouter] = ()) -> FastAPI:
+    """The app over `services`; `routers`: more endpoints (another face's), mounted after ours."""
     app = FastAPI(title="polymodal", version=__version__,
                   description="Embeddings, search, zero-shot classification, captions and chat about images.")
     app.state.services = services
     errors.install(app)
-    for router in (health_router, openai_api.router, api.router, web_router):
+    for router in (health_router, openai_api.router, api.router, web_router, *routers):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Limits, cfg=services.cfg)

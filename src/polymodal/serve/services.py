@@ -137,7 +137,8 @@ class Services:
     def _vlm(self, jobs: list) -> list:
         if isinstance(jobs[0], ChatJob):
             return [self._chat(job) for job in jobs]
-        if jobs[0].prompt is not None or len(jobs) == 1:
+        if jobs[0].prompt is not None or len(jobs) == 1 or self.vlm.chat_template is not None:
+            # a chat-template LLM captions through a chat turn (VLM.caption): one at a time
             return [self._caption_one(job) for job in jobs]
         return self._caption_batch(jobs)
 
@@ -150,7 +151,8 @@ class Services:
             return e
 
     def _caption_batch(self, jobs: list[CaptionJob]) -> list:
-        """Captions from the BOS token alone, one `generate` for all: (B, 3, H, W) pixels."""
+        """Captions from the BOS token alone (as VLM.caption for an LLM without a chat template),
+        one `generate` for all: (B, 3, H, W) pixels. Equal to one at a time (tested)."""
         import torch
 
         vlm, out, pixels, kept = self.vlm, [None] * len(jobs), [], []
