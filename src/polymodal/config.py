@@ -361,13 +361,14 @@ class PerceiverConfig(_Config):
 class FlamingoConfig(_Config):
     """Flamingo (Alayrac et al. 2022): a frozen vision tower, a Perceiver Resampler, and a frozen decoder
     LM with a gated cross-attention block before every `cross_every`-th layer (layer i when
-    i % cross_every == 0, as IDEFICS). A text token sees the latest `image_token_id` at or before it;
+    i >= cross_start and (i - cross_start) % cross_every == 0; IDEFICS: cross_start 0). A text token sees the latest `image_token_id` at or before it;
     after an `end_of_chunk_token_id` (None: never) it sees none until the next image."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     cross_every: int = 4
+    cross_start: int = 0  # the first layer with a gated block before it; below it no gradient flows
     xattn_mlp_dim: int | None = None  # None: the LM's mlp_dim
     xattn_qk_norm: bool = False
     gate: Literal["float", "vector"] = "float"
@@ -377,14 +378,14 @@ class FlamingoConfig(_Config):
     model_type: str = "flamingo"
 
     def __post_init__(self):
-        if self.cross_every < 1:
-            raise ConfigError("FlamingoConfig: cross_every must be >= 1")
+        if self.cross_every < 1 or not 0 <= self.cross_start < self.lm.layers:
+            raise ConfigError("FlamingoConfig: cross_every must be >= 1 and 0 <= cross_start < lm.layers")
         if self.gate not in ("float", "vector"):
             raise ConfigError(f"FlamingoConfig: unknown gate {self.gate!r}; known: float, vector")
 
     @property
     def cross_layers(self) -> int:
-        return len(range(0, self.lm.layers, self.cross_every))
+        return len(range(self.cross_start, self.lm.layers, self.cross_every))
 
 
 _NESTED.update({

@@ -2,7 +2,9 @@
 
 Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning", Figure 3:
   frozen vision encoder -> Perceiver Resampler (a fixed number of visual tokens per image or video)
-  -> gated cross-attention dense blocks, one before every `cross_every`-th layer of the frozen LM.
+  -> gated cross-attention dense blocks, one before every `cross_every`-th layer of the frozen LM
+  (from layer `cross_start` on: a cheap recipe leaves the lower layers alone, and no gradient
+  flows through them).
 The text is interleaved with `<image>` markers (`image_token_id`); each text token cross-attends only
 to the visual tokens of the latest image at or before it (Figure 7's masking), or to none, and keeps
 self-attending to all the text before it. With every gate at zero the model IS the frozen LM.
@@ -153,12 +155,12 @@ class Flamingo(nn.Module):
                 cache.media_mask = media_mask[:, -1]
             visual = media.reshape(B, M * L, D)  # (B, M * L, width): every image's tokens in a row
             mask = media_mask.repeat_interleave(L, dim=-1)  # (B, T, M * L)
-            k = self.cfg.cross_every
+            k, start = self.cfg.cross_every, self.cfg.cross_start
 
             def hook(i: int, x: Tensor) -> Tensor:
-                if i % k:
+                if i < start or (i - start) % k:
                     return x
-                return self.xattn[i // k](x, visual.to(x.dtype), mask, eager=eager)
+                return self.xattn[(i - start) // k](x, visual.to(x.dtype), mask, eager=eager)
 
         out = self.lm(ids, attention_mask=attention_mask, cache=cache, eager=eager, before_block=hook)
         loss = None
