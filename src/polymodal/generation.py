@@ -43,6 +43,9 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()  # needs `decode`; a row stops once its new text contains one
     use_cache: bool = True
     seed: int | None = None  # sampling: seeds a private torch.Generator
+    # logits_hook(scores (R, vocab), new tokens so far (R, n)) -> scores: a model family's own rules
+    # (Whisper's suppressed tokens and timestamp rules), applied after the ones above
+    logits_hook: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def __post_init__(self):
         checks = [(self.max_new_tokens >= 1, "max_new_tokens >= 1"), (self.min_new_tokens >= 0, "min_new_tokens >= 0"),
@@ -191,6 +194,8 @@ def _steps(model, ids, mask, embeds, eos, cfg, decode, generator) -> Iterator[tu
     seen = _seen_tokens(ids, mask, logits.shape[-1], cfg)
     for n in range(N):
         scores = _process(logits, n, seen, cfg, eos)
+        if cfg.logits_hook is not None:
+            scores = cfg.logits_hook(scores, history[:, :n])
         if cfg.do_sample:
             probs = _warp(scores, cfg).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
@@ -234,6 +239,8 @@ def _beam_search(model, ids, mask, embeds, eos, cfg, decode) -> GenerateOutput:
     seen = _seen_tokens(ids, mask, V, cfg)
     for n in range(N):
         logp = _process(F.log_softmax(logits, -1), n, seen, cfg, eos)  # (B * K, V)
+        if cfg.logits_hook is not None:
+            logp = cfg.logits_hook(logp, running[:, :, :n].flatten(0, 1))
         total = (logp.view(B, K, V) + run_scores[..., None]).view(B, K * V)
         top_scores, top_index = total.topk(keep)  # (B, keep)
         beam, token = top_index // V, top_index % V

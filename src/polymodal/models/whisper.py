@@ -1,0 +1,291 @@
+"""Whisper: an encoder-decoder transformer over log-mel spectrograms.
+
+Radford et al. 2022, "Robust Speech Recognition via Large-Scale Weak Supervision", figure 1:
+  encoder: 2 x (Conv1d k=3, GELU), the second with stride 2 (3,000 frames -> 1,500 positions)
+           -> + sinusoidal positions -> pre-norm blocks -> LayerNorm
+  decoder: token embedding + learned positions -> pre-norm blocks with cross-attention over the
+           encoder output -> LayerNorm -> logits through the (tied) token embedding.
+
+Every block is `nn.Block` (its attention is `nn.Attention`); nothing here computes attention.
+The config lives beside the model (not in config.py) so that its presets, its converters and its
+tasks read it from the file that defines the architecture; `WhisperConfig` still round-trips
+through JSON like every other config.
+
+Generation goes through the shared `generation.py`: `Whisper.decoding(states)` binds an encoder
+output to the decoder and offers the `forward(ids, attention_mask=, cache=)` / `new_cache`
+contract. The cross-attention keys and values of the encoder output are computed once per
+window (`ContextKV`) instead of once per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import _Config
+from polymodal.nn import Block, KVCache
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class WhisperConfig(_Config):
+    """A Whisper model; the defaults are tiny.en (39 M parameters) and its special tokens."""
+
+    n_mels: int = 80
+    vocab_size: int = 51864
+    width: int = 384
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    encoder_heads: int = 6
+    decoder_heads: int = 6
+    encoder_mlp_dim: int = 1536
+    decoder_mlp_dim: int = 1536
+    max_source_positions: int = 1500  # encoder positions: 30 s at 20 ms each
+    max_target_positions: int = 448
+    norm_eps: float = 1e-5
+    eos_token_id: int = 50256  # <|endoftext|>
+    no_timestamps_token_id: int = 50362  # <|notimestamps|>; the timestamps <|0.00|> ... follow it
+    prefix_ids: tuple[int, ...] = (50257,)  # <|startoftranscript|> (+ <|lang|> <|task|> if multilingual)
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = (220, 50256)  # not as the first token (" ", end)
+    max_initial_timestamp_index: int | None = 50  # the first timestamp is at most <|1.00|>
+    model_type: str = "whisper"
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.no_timestamps_token_id + 1
+
+    @property
+    def n_frames(self) -> int:
+        """Mel frames of one full window (3,000 for 30 s)."""
+        return 2 * self.max_source_positions
+
+
+@dataclass
+class WhisperOutput:
+    logits: Tensor  # (B, T, vocab_size)
+    loss: Tensor | None = None  # next-token cross-entropy when targets are given
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
+    """(length, channels): sin on the first half of the channels, cos on the second (Whisper's table)."""
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float32))
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]  # (length, channels / 2)
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class ContextKV(nn.Linear):
+    """The fused key/value projection of a cross-attention layer, which can be handed a precomputed
+    result: while `memo` is (context, kv) it returns kv for that very context tensor, so a decoder
+    projects the encoder output once per window, not at every generated token."""
+
+    memo: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memo is not None and self.memo[0] is x:
+            return self.memo[1]
+        return super().forward(x)
+
+
+class WhisperEncoder(nn.Module):
+    """mel (B, n_mels, T) -> (B, T / 2, width). T is at most 2 * max_source_positions; a shorter
+    input is a trimmed context (whisper.cpp's audio_ctx): faster, and not what the model trained on."""
+
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.conv1 = nn.Conv1d(cfg.n_mels, w, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(w, w, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("pos_embed", sinusoids(cfg.max_source_positions, w))  # (positions, width)
+        self.blocks = nn.ModuleList(
+            Block(w, cfg.encoder_heads, cfg.encoder_mlp_dim, act="gelu", norm="layer", eps=cfg.norm_eps)
+            for _ in range(cfg.encoder_layers))
+        self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.cfg.n_mels:
+            raise ValueError(f"the encoder reads (batch, {self.cfg.n_mels} mels, frames), got {tuple(mel.shape)}")
+        if mel.shape[2] > self.cfg.n_frames:
+            raise ValueError(f"{mel.shape[2]} frames exceed the encoder's window of {self.cfg.n_frames}")
+        x = F.gelu(self.conv1(mel))  # (B, width, T)
+        x = F.gelu(self.conv2(x))  # (B, width, T / 2)
+        x = x.transpose(1, 2)  # (B, T / 2, width)
+        x = x + self.pos_embed[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class WhisperDecoder(nn.Module):
+    """ids (B, T) and the encoder output (B, S, width) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.token_embed = nn.Embedding(cfg.vocab_size, w)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_target_positions, w))  # learned
+        self.blocks = nn.ModuleList(
+            Block(w, cfg.decoder_heads, cfg.decoder_mlp_dim, act="gelu", norm="layer", eps=cfg.norm_eps,
+                  cross_dim=w)
+            for _ in range(cfg.decoder_layers))
+        for block in self.blocks:  # the cross-attention's kv projection, able to take a precomputed result
+            block.xattn.kv = ContextKV(w, 2 * w)
+        self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, ids: Tensor, context: Tensor, *, cache: KVCache | None = None, eager: bool = False) -> Tensor:
+        B, T = ids.shape
+        past = cache.length() if cache is not None else 0
+        if past + T > self.cfg.max_target_positions:
+            raise ValueError(f"{past + T} tokens exceed the decoder's {self.cfg.max_target_positions} positions")
+        x = self.token_embed(ids) + self.pos_embed[past:past + T]  # (B, T, width)
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, causal=True, cache=cache, layer=i, eager=eager)
+        x = self.norm(x)
+        return F.linear(x, self.token_embed.weight)  # (B, T, vocab_size)
+
+
+class Whisper(nn.Module):
+    """The speech recogniser: `forward(mel, ids, targets=None)`; `encode`, then `decoding` to generate."""
+
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = WhisperEncoder(cfg)
+        self.decoder = WhisperDecoder(cfg)
+
+    def encode(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, T) -> (B, T / 2, width)."""
+        return self.encoder(mel)
+
+    def forward(self, mel: Tensor, ids: Tensor, targets: Tensor | None = None, *, eager: bool = False) -> WhisperOutput:
+        """mel (B, n_mels, T), ids (B, L) -> logits (B, L, vocab). targets (B, L): the ids themselves,
+        -100 where no loss is wanted; the loss predicts targets[:, t + 1] from position t."""
+        logits = self.decoder(ids, self.encode(mel), eager=eager)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return WhisperOutput(logits=logits, loss=loss)
+
+    def decoding(self, states: Tensor) -> WhisperDecoding:
+        return WhisperDecoding(self, states)
+
+
+class WhisperDecoding:
+    """The decoder bound to one encoder output (B, S, width): the model contract of `generation.py`.
+
+    Beam search asks for a cache of B * K rows; the encoder output is repeated K times, once, and
+    each layer's cross-attention keys and values are projected once into `ContextKV.memo`. Beam
+    search reorders rows only within a beam group, whose rows share one encoder output, so the
+    cross keys and values never need reordering. Use as a context manager (or call `close`) to drop
+    the memo afterwards."""
+
+    def __init__(self, model: Whisper, states: Tensor):
+        self.model, self.states = model, states
+        self.context = states
+
+    def _bind(self, batch: int) -> None:
+        B = self.states.shape[0]
+        if batch % B:
+            raise ValueError(f"{batch} decoding rows cannot share {B} encoder outputs")
+        self.context = self.states if batch == B else self.states.repeat_interleave(batch // B, dim=0)
+        for block in self.model.decoder.blocks:
+            block.xattn.kv.memo = (self.context, block.xattn.kv(self.context))  # (B', S, 2 * width)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg, p = self.model.cfg, self.model.decoder.token_embed.weight
+        self._bind(batch)
+        return KVCache(cfg.decoder_layers, batch, cfg.decoder_heads, max_len, cfg.width // cfg.decoder_heads,
+                       dtype=p.dtype, device=p.device)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.decoder.token_embed(ids)
+
+    def __call__(self, ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+                 attention_mask: Tensor | None = None, cache: KVCache | None = None) -> WhisperOutput:
+        if ids is None:
+            raise ValueError("Whisper's decoder reads token ids, not inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("Whisper prompts are never padded: give every row the same prompt length")
+        if self.context.shape[0] != ids.shape[0]:
+            self._bind(ids.shape[0])
+        return WhisperOutput(logits=self.model.decoder(ids, self.context, cache=cache))
+
+    def close(self) -> None:
+        for block in self.model.decoder.blocks:
+            block.xattn.kv.memo = None
+        self.context = self.states
+
+    def __enter__(self) -> WhisperDecoding:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- Whisper's rules for the next token ------------------------------------------------------
+
+
+def logits_rules(cfg: WhisperConfig, timestamps: bool):
+    """hook(scores (R, vocab), history (R, n) new tokens so far) -> scores, as `transformers` applies
+    them (SuppressTokensAtBegin, SuppressTokens, then WhisperTimeStampLogitsProcessor):
+    no blank or end first; never the suppressed tokens; with timestamps, OpenAI's rules (timestamps
+    in pairs, never decreasing, the first at most max_initial_timestamp_index, and a timestamp
+    whenever the timestamps together are likelier than any text token)."""
+    suppress = torch.tensor(cfg.suppress_tokens, dtype=torch.long)
+    begin = torch.tensor(cfg.begin_suppress_tokens, dtype=torch.long)
+    ts, eos, no_ts = cfg.timestamp_begin, cfg.eos_token_id, cfg.no_timestamps_token_id
+    neg = float("-inf")
+
+    def hook(scores: Tensor, history: Tensor) -> Tensor:
+        scores = scores.clone()
+        n = history.shape[1]
+        if n == 0 and begin.numel():
+            scores[:, begin.to(scores.device)] = neg
+        if suppress.numel():
+            scores[:, suppress.to(scores.device)] = neg
+        if not timestamps:
+            return scores
+        scores[:, no_ts] = neg
+        V = scores.shape[-1]
+        vocab = torch.arange(V, device=scores.device)
+        lows = []
+        for r, seq in enumerate(history.tolist()):
+            last = n >= 1 and seq[-1] >= ts
+            penultimate = n < 2 or seq[-2] >= ts
+            if last:
+                if penultimate:
+                    scores[r, ts:] = neg  # a pair is complete: text must follow
+                else:
+                    scores[r, :eos] = neg  # an opening timestamp: its closing one (or the end) follows
+            stamps = [t for t in seq if t >= ts]
+            low = ts
+            if stamps:
+                low = stamps[-1] if last and not penultimate else stamps[-1] + 1
+            lows.append(low)
+        low = torch.tensor(lows, device=scores.device)[:, None]
+        scores.masked_fill_((vocab >= ts) & (vocab < low), neg)  # never back in time
+        if n == 0:
+            scores[:, :ts] = neg
+            if cfg.max_initial_timestamp_index is not None:
+                scores[:, ts + cfg.max_initial_timestamp_index + 1:] = neg
+        logp = F.log_softmax(scores.float(), dim=-1)
+        pick_time = logp[:, ts:].logsumexp(-1) > logp[:, :ts].max(-1).values  # (R,)
+        scores[:, :ts] = scores[:, :ts].masked_fill(pick_time[:, None], neg)
+        return scores
+
+    return hook
+
+
+__all__ = ["ContextKV", "Whisper", "WhisperConfig", "WhisperDecoder", "WhisperDecoding", "WhisperEncoder",
+           "WhisperOutput", "logits_rules", "sinusoids"]
