@@ -28,8 +28,15 @@ def load(path=None, **kwargs):
 def load_vlm(path):
     """A BLIP-2 checkpoint (own format or a transformers directory) -> a `VLM` (see tasks/vlm.py):
     caption, ask, chat. No default VLM ships yet, so a path is required."""
+    from pathlib import Path
+
+    from polymodal.checkpoints.flamingo_io import is_flamingo_dir
     from polymodal.tasks.vlm import VLM
 
+    if is_flamingo_dir(Path(path)):  # Flamingo / IDEFICS: several images, interleaved prompts, video
+        from polymodal.tasks.flamingo import FlamingoVLM
+
+        return FlamingoVLM.from_pretrained(path)
     return VLM.from_pretrained(path)
 
 

@@ -1,7 +1,8 @@
-"""Commands over a vision-language model (BLIP-2): caption, ask, chat.
+"""Commands over a vision-language model (BLIP-2 or Flamingo): caption, ask, chat.
 
 `--model` is required for now: polymodal ships no trained default VLM yet. It takes a polymodal
-BLIP-2 directory or a transformers BLIP-2 (Blip2ForConditionalGeneration) directory.
+BLIP-2 directory or a transformers BLIP-2 (Blip2ForConditionalGeneration) directory, or a
+polymodal Flamingo directory or a transformers IDEFICS one (several images, --video, --shots).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ VLM_MODEL = typer.Option(
     ...,
     "--model",
     "-m",
-    help="A polymodal or transformers BLIP-2 directory. Required: no default VLM ships yet.",
+    help="A polymodal or transformers BLIP-2 directory, or a Flamingo (polymodal or transformers IDEFICS) "
+    "directory. Required: no default VLM ships yet.",
 )
 MAX_NEW = typer.Option(30, "--max-new-tokens", min=1, help="At most this many new tokens per answer.")
 BEAMS = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (1: greedy).")
@@ -59,21 +61,50 @@ def caption(
                f"{len(result['skipped'])} skipped -> {result['out']}")
 
 
+IMAGES_OPT = typer.Option(None, "--image", "-i", help="An image; repeat for several (a Flamingo model).")
+VIDEO_OPT = typer.Option(None, "--video", help="A clip: a GIF or a folder of frames (a Flamingo model).")
+
+
+def _is_flamingo(vlm) -> bool:
+    return hasattr(vlm, "video_frames")
+
+
 @command
 def ask(
-    image: Path = typer.Argument(..., help="An image file."),
-    question: str = typer.Argument(..., help="The question about the image."),
+    args: list[str] = typer.Argument(..., metavar="[IMAGE] QUESTION",
+                                     help="An image file and the question, or the question alone with "
+                                          "--image / --video. A Flamingo reads <image> markers in the "
+                                          "question as an interleaved prompt."),
     model: str = VLM_MODEL,
+    images: list[Path] = IMAGES_OPT,
+    video: Path = VIDEO_OPT,
+    shots: Path = typer.Option(None, "--shots", help="Few-shot examples before the question: JSON lines of "
+                                                     "{image or video, question, answer} (a Flamingo model)."),
     max_new_tokens: int = MAX_NEW,
     num_beams: int = BEAMS,
     json_: bool = JSON,
 ) -> None:
-    """Answer one question about an image."""
+    """Answer one question about an image (a Flamingo: several images, a video, few-shot examples)."""
+    if len(args) > 2:
+        raise ValueError(f"give [IMAGE] QUESTION, got {len(args)} arguments (quote the question)")
+    question = args[-1]
+    images = ([Path(args[0])] if len(args) == 2 else []) + list(images or [])
     if not question.strip():
         raise ValueError("the question is empty: give some text")
-    answer = _load(model).ask(image, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    vlm = _load(model)
+    gen = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    if _is_flamingo(vlm):
+        answer = vlm.ask(images, question, video=video, shots=shots, **gen)
+    else:
+        if video is not None or shots is not None or len(images) != 1:
+            raise ValueError("a BLIP-2 model answers about exactly one image (--video, --shots and several "
+                             "images need a Flamingo model)")
+        answer = vlm.ask(images[0], question, **gen)
     if json_:
-        return _emit({"image": str(image), "question": question, "answer": answer})
+        doc = {"image": str(images[0])} if len(images) == 1 else {"images": [str(i) for i in images]}
+        if video is not None:
+            doc["video"] = str(video)
+        return _emit({**doc, "question": question, "answer": answer})
     typer.echo(answer)
 
 
@@ -81,12 +112,21 @@ def ask(
 def chat(
     image: Path = typer.Argument(None, help="An image to talk about (optional; /image PATH sets one later)."),
     model: str = VLM_MODEL,
+    images: list[Path] = IMAGES_OPT,
+    video: Path = VIDEO_OPT,
     max_new_tokens: int = MAX_NEW,
 ) -> None:
     """A terminal chat, one message per line on stdin, the answers streamed to stdout.
-    Commands: /image PATH, /reset, /save PATH, /quit."""
+    Commands: /image PATH, /reset, /save PATH, /quit. With a Flamingo, /image adds an image to the
+    conversation where it stands (the questions after it are about it) and /video PATH a clip."""
     vlm = _load(model)
-    session = vlm.chat(image, on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
+    if _is_flamingo(vlm):
+        firsts = ([image] if image else []) + list(images or [])
+        session = vlm.chat(firsts, video=video, on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
+    elif images or video is not None:
+        raise ValueError("a BLIP-2 model talks about one image (--image, --video need a Flamingo model)")
+    else:
+        session = vlm.chat(image, on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
     say("chat: /image PATH, /reset, /save PATH, /quit" + (f" (image: {image})" if image else ""))
     for line in sys.stdin:
         line = line.strip()
@@ -99,6 +139,12 @@ def chat(
             if word == "/reset":
                 session.reset()
                 say("(conversation reset)")
+            elif word == "/image" and _is_flamingo(vlm):
+                session.add_image(Path(arg.strip()))
+                say(f"(image added: {arg.strip()})")
+            elif word == "/video" and _is_flamingo(vlm):
+                session.add_video(Path(arg.strip()))
+                say(f"(video added: {arg.strip()})")
             elif word == "/image":
                 session.set_image(Path(arg.strip()))
                 say(f"(image: {arg.strip()}; conversation reset)")
