@@ -272,8 +272,11 @@ def test_over_capacity_is_503_with_retry_after(coll):
     try:
         with LiveServer(create_app(s)) as live, ThreadPoolExecutor(2) as pool:
             held = [pool.submit(post, live.url + "/v1/embeddings", {"input": f"text {i}"}) for i in range(2)]
-            while s.embed_batcher.pending < 2:
+            for _ in range(3000):  # both requests are in (one running, one waiting), at most 30 s
+                if s.embed_batcher.pending == 2:
+                    break
                 threading.Event().wait(0.01)
+            assert s.embed_batcher.pending == 2
             status, headers, doc = post(live.url + "/v1/embeddings", {"input": "one more"})
             assert status == 503 and int(headers["retry-after"]) >= 1
             assert "queue is full" in doc["error"]["message"]
