@@ -124,3 +124,20 @@ def test_image_page_caption_duplicates_and_chat(site, browser):
     wait(browser, lambda d: d.execute_script(
         "return document.querySelector('#chat-log .assistant').textContent;") == answer)
     assert reply
+
+
+def test_the_page_asks_for_the_api_key(site, browser):
+    """With --api-key the page asks once, then its searches and thumbnails carry the key."""
+    s = Services(ServeConfig(api_key="open sesame"), collection=site["coll"])
+    try:
+        with LiveServer(create_app(s)) as live:
+            browser.get(live.url + "/")
+            browser.find_element(By.ID, "query").send_keys("a blue shape")
+            browser.find_element(By.ID, "go").click()
+            alert = wait(browser, lambda d: d.switch_to.alert)
+            alert.send_keys("open sesame")
+            alert.accept()
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card.result"))
+            wait(browser, lambda d: thumbnails_loaded(d, "#results img"))
+    finally:
+        s.close()

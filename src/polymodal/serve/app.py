@@ -15,6 +15,7 @@ import hmac
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import unquote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
@@ -110,7 +111,7 @@ class Limits:
             return True
         for part in headers.get("cookie", "").split(";"):  # the page's <img> tags carry it as a cookie
             name, _, value = part.strip().partition("=")
-            if name == "polymodal_key" and hmac.compare_digest(value.encode(), key):
+            if name == "polymodal_key" and hmac.compare_digest(unquote(value).encode(), key):
                 return True
         return False
 

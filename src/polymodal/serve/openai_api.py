@@ -185,17 +185,22 @@ async def chat_completions(body: ChatRequest, request: Request):
 
     async def events():
         yield chunk({"role": "assistant", "content": ""})
-        done = asyncio.ensure_future(_wait(future))
-        while True:
-            getter = asyncio.ensure_future(pieces.get())
-            finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in finished:
-                yield chunk({"content": getter.result()})
-                continue
-            getter.cancel()
-            while not pieces.empty():
-                yield chunk({"content": pieces.get_nowait()})
-            break
+        done, getter = asyncio.ensure_future(_wait(future)), None
+        try:
+            while True:
+                getter = asyncio.ensure_future(pieces.get())
+                finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in finished:
+                    yield chunk({"content": getter.result()})
+                    continue
+                while not pieces.empty():
+                    yield chunk({"content": pieces.get_nowait()})
+                break
+        finally:  # also when the client went away: the turn finishes in the worker, unheard
+            if getter is not None:
+                getter.cancel()
+            if not done.done():
+                done.cancel()
         result = done.result()
         if isinstance(result, Exception):
             status = 422 if isinstance(result, ValueError) else 500

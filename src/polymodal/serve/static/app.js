@@ -3,6 +3,12 @@
 
 const KEY = "polymodal_key";
 
+// <img> requests cannot carry a header: the key they need travels as a cookie
+function keyCookie(key) {
+  document.cookie = KEY + "=" + encodeURIComponent(key) + "; path=/; SameSite=Strict";
+}
+if (localStorage.getItem(KEY)) keyCookie(localStorage.getItem(KEY));
+
 // fetch with the API key (asked for once when the server answers 401, then remembered)
 async function api(path, options = {}, retried = false) {
   const headers = Object.assign({}, options.headers || {});
@@ -13,7 +19,7 @@ async function api(path, options = {}, retried = false) {
     const entered = window.prompt("This server needs an API key:");
     if (entered) {
       localStorage.setItem(KEY, entered);
-      document.cookie = KEY + "=" + encodeURIComponent(entered) + "; path=/; SameSite=Strict";
+      keyCookie(entered);
       return api(path, options, true);
     }
   }
