@@ -392,3 +392,37 @@ def test_another_face_adds_its_router(coll):
         assert c.post("/v1/echo", headers={"Authorization": "Bearer k"}).json() == {"images": 13}
     finally:
         s.close()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (and holds none): a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+def test_huge_images_and_chat_limits(client, coll):
+    bomb = data_uri(_png_claiming(15000, 15000))
+    message = error_of(client.post("/v1/embeddings", json={"input": ["a", bomb]}), 422)
+    assert message.startswith("input[1]:") and "pixels" in message
+    image = data_uri(_png_claiming(1, 1))
+    chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1000}
+    assert "too long" in error_of(client.post("/v1/chat/completions", json=chat), 422)
+    assert "last message must be the user's" in error_of(client.post("/v1/chat/completions", json={
+        "messages": [{"role": "assistant", "content": "hi"}]}), 422)
+    assert "messages[0].role" in error_of(client.post("/v1/chat/completions", json={
+        "messages": [{"role": "robot", "content": "hi"}]}), 422)
+    assert "stop sequences" in error_of(client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "stop": ["x"]}), 422)
+    s = Services(ServeConfig(), collection=coll)  # no VLM
+    try:
+        c = TestClient(create_app(s))
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                          {"type": "text", "text": "what"}]}]}
+        assert "--vlm" in error_of(c.post("/v1/chat/completions", json=body), 404)
+        assert "--vlm" in error_of(c.post("/v1/caption", json={"id": 1}), 404)
+    finally:
+        s.close()
