@@ -283,6 +283,9 @@ def test_over_capacity_is_503_with_retry_after(coll):
             gate.set()
             assert [f.result()[0] for f in held] == [200, 200]
             assert post(live.url + "/v1/embeddings", {"input": "now there is room"})[0] == 200
+            # the queue counts requests: one with more inputs than its capacity still fits
+            status, _, doc = post(live.url + "/v1/embeddings", {"input": [f"t{i}" for i in range(10)]})
+            assert status == 200 and len(doc["data"]) == 10
     finally:
         gate.set()
         s.close()

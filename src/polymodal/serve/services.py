@@ -27,9 +27,9 @@ class ServeConfig:
     max_inputs: int = 2048  # at most this many inputs in one embeddings request
     max_pixels: int = 40_000_000  # an uploaded image with more pixels is refused (422)
     allow_urls: bool = False  # fetch http(s) image URLs given in requests
-    max_batch: int = 32  # embedding batch size
+    max_batch: int = 32  # at most this many embedding requests share one batch
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    queue_size: int = 256  # embedding requests waiting or running; more are answered 503
+    queue_size: int = 256  # embedding requests (of any number of inputs) waiting or running; more get 503
     vlm_queue_size: int = 16  # VLM requests (captions, chat turns) waiting or running
     max_new_tokens: int = 256  # a chat answer's length when the request gives none (and at most half the LLM's context)
 
@@ -85,10 +85,14 @@ class Services:
             if b is not None:
                 b.close()
 
-    # --- CLIP: items are ("text", str) or ("image", bytes) -> (vector (D,), tokens) -----------------
+    # --- CLIP: a request is a list of ("text", str) / ("image", bytes) ------------------------------
 
-    def _embed(self, items: list[tuple[str, object]]) -> list:
+    def _embed(self, requests: list[list[tuple[str, object]]]) -> list[list]:
+        """One batch of requests -> for each, a list of (vector (D,), token count) per input, or the
+        input's ImageError. Every text of the batch goes through one encode_text (which sorts them
+        by length and runs Embedder.batch_size at a time), every image through one encode_image."""
         emb = self.embedder
+        items = [item for request in requests for item in request]
         out: list = [None] * len(items)
         texts = [i for i, (kind, _) in enumerate(items) if kind == "text"]
         if texts:
@@ -109,28 +113,19 @@ class Services:
             vectors = emb.encode_image(images)
             for j, i in enumerate(kept):
                 out[i] = (vectors[j], 0)
-        return out
+        results, start = [], 0
+        for request in requests:
+            results.append(out[start:start + len(request)])
+            start += len(request)
+        return results
 
     async def embed(self, items: list[tuple[str, object]]) -> list:
-        """(vector (D,), token count) of each text or image, each queued on the embedding batcher;
-        an image that cannot be read gives its ImageError in its place."""
-        import asyncio
-
+        """(vector (D,), token count) of each text or image of one request, queued as one entry on
+        the embedding batcher (Overloaded when it is full); an image that cannot be read gives its
+        ImageError in its place."""
         if self.embed_batcher is None:
             raise RuntimeError("no CLIP model loaded")
-        futures = []
-        try:
-            for item in items:
-                futures.append(self.embed_batcher.submit(item))  # Overloaded at once when full
-        except Exception:
-            for f in futures:
-                f.cancel()
-            raise
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, ImageError):
-                raise r
-        return results
+        return await self.embed_batcher.submit(list(items))
 
     # --- VLM ------------------------------------------------------------------------------------
 
