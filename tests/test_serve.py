@@ -429,3 +429,11 @@ def test_huge_images_and_chat_limits(client, coll):
         assert "--vlm" in error_of(c.post("/v1/caption", json={"id": 1}), 404)
     finally:
         s.close()
+
+
+def test_only_blip2_is_served_as_the_vlm(coll):
+    from polymodal.tasks.flamingo import FlamingoVLM
+
+    flamingo = FlamingoVLM.__new__(FlamingoVLM)  # the type is what is refused, before any use
+    with pytest.raises(ValueError, match="Flamingo"):
+        Services(ServeConfig(), collection=coll, vlm=flamingo)

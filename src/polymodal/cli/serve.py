@@ -15,7 +15,8 @@ def serve(
     db: Path = typer.Option(None, "--db", help="A collection (built with `polymodal index`): search, the web page."),
     model: str = typer.Option(None, "--model", "-m",
                               help="The CLIP model (default: the collection's, else the embedded default)."),
-    vlm: str = typer.Option(None, "--vlm", help="A BLIP-2 directory for captions and chat (none ships yet)."),
+    vlm: str = typer.Option(None, "--vlm", help="A BLIP-2 directory for captions and chat (none ships yet; "
+                            "Flamingo is not served yet)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     api_key: str = typer.Option(None, "--api-key", envvar="POLYMODAL_API_KEY",

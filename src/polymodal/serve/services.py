@@ -67,6 +67,12 @@ class Services:
                  model_name: str = "polymodal-clip", vlm_name: str | None = None):
         if embedder is None and collection is not None:
             embedder = collection.embedder
+        if vlm is not None:
+            from polymodal.tasks.vlm import VLM
+
+            if not isinstance(vlm, VLM):
+                raise ValueError(f"--vlm: the server speaks to a BLIP-2 VLM; a {type(vlm).__name__} "
+                                 "(Flamingo) is not served yet")
         self.cfg, self.embedder, self.collection, self.vlm = cfg, embedder, collection, vlm
         self.model_name, self.vlm_name = model_name, vlm_name
         self.captions: OrderedDict[int, str] = OrderedDict()  # caption cache for collection items
