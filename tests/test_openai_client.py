@@ -88,8 +88,10 @@ def test_streaming_equals_non_streaming(setup):
 
 def test_typed_errors(setup):
     client, image = setup["client"], setup["image"]
+    other = setup["image"].with_name("other.png")
+    shape_image("blue", 4).save(other)
     with pytest.raises(openai.UnprocessableEntityError, match="one image per conversation"):
-        two = messages(image, "a")[0]["content"] * 2
+        two = messages(image, "a")[0]["content"][:1] + messages(other, "a")[0]["content"]
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": two}])
     with pytest.raises(openai.UnprocessableEntityError, match=r"input\[0\]: empty text"):
         client.embeddings.create(model="m", input=[""])
@@ -100,3 +102,18 @@ def test_typed_errors(setup):
     wrong = openai.OpenAI(base_url=setup["url"] + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.embeddings.create(model="m", input=["a"])
+
+
+def test_sampling_and_the_same_image_sent_again(setup):
+    client, vlm, image = setup["client"], setup["vlm"], setup["image"]
+    kwargs = dict(model="m", messages=messages(image, "what is in the picture"), max_tokens=10)
+    runs = [client.chat.completions.create(temperature=1.0, seed=s, **kwargs).choices[0].message.content
+            for s in (1, 1)]
+    assert runs[0] == runs[1]  # a seed makes sampling reproducible
+    assert runs[0] == vlm.ask(image, "what is in the picture", max_new_tokens=10, do_sample=True,
+                              temperature=1.0, seed=1)
+    # a client that repeats the image in every user turn: one image all the same
+    history = messages(image, "what is in the picture") + [{"role": "assistant", "content": "x"}]
+    history += messages(image, "and the colour")
+    r = client.chat.completions.create(model="m", messages=history, max_tokens=5)
+    assert r.choices[0].message.content is not None

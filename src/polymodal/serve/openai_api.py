@@ -126,9 +126,10 @@ def _chat_job(s: Services, body: ChatRequest) -> ChatJob:
                         raise APIError(422, str(e), param="messages") from None
         role = "system" if m.role == "developer" else m.role
         turns.append({"role": role, "content": "\n".join(t for t in texts if t)})
+    images = list(dict.fromkeys(images))  # a client that sends the image again with every turn
     if len(images) > 1:
-        raise APIError(422, f"messages: {len(images)} images; BLIP-2 sees one image per conversation",
-                       param="messages")
+        raise APIError(422, f"messages: {len(images)} different images; BLIP-2 sees one image per "
+                       "conversation", param="messages")
     if turns[-1]["role"] != "user":
         raise APIError(422, "messages: the last message must be the user's", param="messages")
     if not turns[-1]["content"].strip():
