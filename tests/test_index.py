@@ -293,3 +293,35 @@ def test_ann_kind_choice():
     assert effective_kind("ivfpq", 500) == "flat" and pq_bytes(512) == 64 and pq_bytes(24) == 8 and pq_bytes(20) == 5
     with pytest.raises(ValueError, match="unknown index kind"):
         ANN.empty("tree", 8)
+
+
+def test_shards_merge_into_the_whole(tmp_path, model_dir, monkeypatch):
+    images = make_images(tmp_path / "images", 15, seed=5)
+    (images / "bad.png").write_text("nope")
+    whole = tmp_path / "whole"
+    build(images, whole, str(model_dir), progress=False, workers=0)
+    # Three "machines" (torchrun ranks), each its share into its own part; then one merge.
+    parts = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        doc = json.loads(run("index", images, "--db", tmp_path / "parts/part-{rank}", "--model", model_dir,
+                             "--shard", "auto", "--workers", 0, "--json").stdout)
+        parts.append(doc["added"])
+    assert sum(parts) == 15 and all(parts)  # disjoint shares that cover the folder
+    doc = json.loads(run("merge", *sorted((tmp_path / "parts").iterdir()), "--db", tmp_path / "merged",
+                         "--json").stdout)
+    assert (doc["copied"], doc["total"]) == (15, 15)
+    want, vw = snapshot(whole)
+    got, vg = snapshot(tmp_path / "merged")
+    assert got == want
+    for p in want:
+        np.testing.assert_allclose(vg[p], vw[p], atol=1e-6)
+    # A rerun copies nothing; a shard of another model is refused.
+    assert json.loads(run("merge", tmp_path / "parts/part-0", "--db", tmp_path / "merged", "--json").stdout)["copied"] == 0
+    other = tiny_clip(tmp_path / "other", seed=1)
+    build(images, tmp_path / "other-part", str(other), progress=False, workers=0, shard=(0, 3))
+    err = run("merge", tmp_path / "other-part", "--db", tmp_path / "merged", code=2).stderr.strip().splitlines()
+    assert len(err) == 1 and "shards must share one model" in err[0]
+    with Collection.open(tmp_path / "merged") as c:
+        assert c.search_image(str(images / "b/004.png"), 1)[0].path == str(images / "b/004.png")

@@ -18,8 +18,8 @@ from tests.test_index import make_images, tiny_clip
 
 from polymodal.index import Collection
 
-KILLS = 12
-N = 48
+KILLS = 10
+N = 40
 
 
 # The library call `polymodal index` makes (tests/test_index.py runs the command itself); a bare

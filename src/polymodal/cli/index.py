@@ -1,4 +1,4 @@
-"""Commands over image collections: index, search, dedup, cluster (library: polymodal.index)."""
+"""Commands over image collections: index, search, dedup, cluster, merge (library: polymodal.index)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ def _hits_table(title: str, hits) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table("#", "score", "id", "size", "path", title=title)
+    table = Table(title=title)
+    for name in ("#", "score", "id", "size"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("path", overflow="fold")  # the path is the answer: wrapped, never cut
     for n, h in enumerate(hits, 1):
         table.add_row(str(n), f"{h.score:.3f}", str(h.id), f"{h.width}x{h.height}", escape(h.path))
     _console().print(table)
@@ -55,15 +58,19 @@ def index(
     index_kind: str = typer.Option(None, "--index-kind", help="auto, flat, hnsw or ivfpq (default: auto, "
                                    "or what the collection has): exact below 50,000 images, HNSW below 500,000, IVF-PQ above."),
     shard: str = typer.Option(None, "--shard", help="i/n: index only the i-th of n parts of the folder (one "
-                              "machine's share); 'auto' takes RANK/WORLD_SIZE from torchrun."),
+                              "machine's share); 'auto' takes RANK/WORLD_SIZE from torchrun. '{rank}' in "
+                              "--db becomes i; join the parts with `polymodal merge`."),
     json_: bool = JSON,
 ) -> None:
     """Embed the new and changed images of a folder into a collection; forget deleted ones.
     Crash-safe: a killed run leaves a usable collection and a rerun goes on where it stopped."""
     from polymodal.index import build
 
+    part = _shard(shard)
+    if part is not None and "{rank}" in str(db):
+        db = Path(str(db).replace("{rank}", str(part[0])))
     result = build(directory, db, model, report=report, progress=_progress(), workers=workers,
-                   batch_size=batch_size, index_kind=index_kind, shard=_shard(shard),
+                   batch_size=batch_size, index_kind=index_kind, shard=part,
                    on_bad=lambda message: say(f"skipped: {message}"))
     if json_:
         return _emit({"db": str(db), **result.as_dict(), "report": report and str(report)})
@@ -154,3 +161,20 @@ def cluster(
         for h in c.examples[:3]:
             typer.echo(f"    {h.path}")
     typer.echo(f"map -> {map_}")
+
+
+@command
+def merge(
+    shards: list[Path] = typer.Argument(..., help="Shard collections (built with `polymodal index --shard`)."),
+    db: Path = DB,
+    index_kind: str = typer.Option(None, "--index-kind", help="auto, flat, hnsw or ivfpq (default: auto)."),
+    json_: bool = JSON,
+) -> None:
+    """Join shard collections into one (same model; nothing is embedded again); a rerun completes a killed one."""
+    from polymodal.index import merge as run_merge
+
+    result = run_merge(shards, db, index_kind=index_kind)
+    if json_:
+        return _emit({"db": str(db), **result})
+    typer.echo(f"{db}: {result['total']} images ({result['index_kind']} index); {result['copied']} copied "
+               f"from {len(shards)} shards, {result['skipped']} already there")

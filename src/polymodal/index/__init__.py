@@ -21,6 +21,10 @@ Use it (the HTTP service does exactly this):
     coll.cluster(k=8, keywords=None)                    # -> list[Cluster(id, size, names, members, ...)]
     len(coll), coll.embedder, coll.dim, coll.model_id, coll.kind
 
+Beyond one machine: each machine indexes its share (`build(..., shard=(i, n))`, or
+`polymodal index DIR --db parts/part-{rank} --shard auto` under torchrun) and
+`merge(["parts/part-0", ...], "photos.db")` joins the shards without embedding anything again.
+
 A collection directory holds `meta.sqlite` (the source of truth: metadata and vectors, WAL
 mode, committed in batches; store.py) and `vectors.*.faiss` (a derived FAISS index, flat /
 HNSW / IVF-PQ by size, saved atomically and caught up from SQLite when behind; ann.py).
@@ -30,6 +34,8 @@ Opening with another model than the one that built it raises `ModelMismatch`.
 from polymodal.index.build import BuildReport, build
 from polymodal.index.cluster import Cluster, draw_cluster_map
 from polymodal.index.collection import Collection, Hit, ModelMismatch
+from polymodal.index.merge import merge
 from polymodal.index.store import Record
 
-__all__ = ["BuildReport", "Cluster", "Collection", "Hit", "ModelMismatch", "Record", "build", "draw_cluster_map"]
+__all__ = ["BuildReport", "Cluster", "Collection", "Hit", "ModelMismatch", "Record", "build", "draw_cluster_map",
+           "merge"]

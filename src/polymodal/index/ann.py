@@ -5,7 +5,7 @@ the number of vectors unless overridden (`--index-kind`):
 
   flat   exact search                          n <  FLAT_MAX (50,000)
   hnsw   HNSW graph, 32 links, vectors kept     n <  HNSW_MAX (500,000)
-  ivfpq  inverted lists + product quantisation  above: 4 sqrt(n) lists, d/8 bytes a vector;
+  ivfpq  inverted lists + product quantisation  above: sqrt(n) lists, d/8 bytes a vector;
          candidates are re-scored exactly from the vectors in SQLite (Collection.search_vector)
 
 The index is a cache: SQLite holds every vector. It is saved as one file whose name carries
@@ -51,7 +51,10 @@ def effective_kind(kind: str, n: int) -> str:
 
 
 def ivf_lists(n: int) -> int:
-    return int(min(65536, max(1, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
+    """About sqrt(n) inverted lists, a power of two: 1,024 for a million vectors. FAISS's usual
+    4 sqrt(n) needs four times the training points and k-means time; with 32 probes and the
+    candidates re-scored exactly, fewer, larger lists cost little recall (bench/index_scale.py)."""
+    return int(min(65536, max(1, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))))
 
 
 def pq_bytes(dim: int) -> int:
@@ -77,9 +80,10 @@ class ANN:
         return int(self.index.ntotal)
 
     @classmethod
-    def empty(cls, kind: str, dim: int, train: np.ndarray | None = None, *, hnsw_m: int = 32,
-              ef_construction: int = 80) -> ANN:
-        """A new index of `kind`; ivfpq is trained on `train` (a sample of the vectors)."""
+    def empty(cls, kind: str, dim: int, train: np.ndarray | None = None, *, n_lists: int | None = None,
+              hnsw_m: int = 32, ef_construction: int = 80) -> ANN:
+        """A new index of `kind`; ivfpq is trained on `train` (a sample of the vectors) with
+        `n_lists` inverted lists (default: for as many vectors as `train` holds)."""
         faiss = _faiss()
         ip = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
@@ -91,9 +95,10 @@ class ANN:
         elif kind == "ivfpq":
             if train is None or len(train) == 0:
                 raise ValueError("an ivfpq index needs vectors to train on")
-            n_lists = min(ivf_lists(len(train)), max(1, len(train) // 39))
+            n_lists = max(1, min(n_lists or ivf_lists(len(train)), len(train) // 39))
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, n_lists, pq_bytes(dim), 8, ip)
             index.cp.min_points_per_centroid = 5  # quiet on small training sets
+            index.pq.cp.max_points_per_centroid = 64  # 16,384 points train each sub-quantiser (not 65,536)
             index.train(np.ascontiguousarray(train, np.float32))
             index.nprobe = min(n_lists, 32)
         else:
@@ -105,12 +110,25 @@ class ANN:
         dim = vectors.shape[1]
         train = None
         if kind == "ivfpq":
-            n_train = min(len(vectors), max(50_000, 64 * ivf_lists(len(vectors))))
+            n_train = cls.training_size(len(vectors))
             pick = np.random.default_rng(seed).choice(len(vectors), n_train, replace=False)
             train = vectors[np.sort(pick)]
-        ann = cls.empty(kind, dim, train)
+        ann = cls.empty(kind, dim, train, n_lists=ivf_lists(len(vectors)))
         ann.add(ids, vectors)
         return ann
+
+    @classmethod
+    def build_ivfpq(cls, n: int, train: np.ndarray, chunks) -> ANN:
+        """An ivfpq index for n vectors, trained on a sample and filled chunk by chunk from
+        (ids, vectors) pairs, so the vectors never need to be in memory all at once."""
+        ann = cls.empty("ivfpq", train.shape[1], train, n_lists=ivf_lists(n))
+        for ids, vectors in chunks:
+            ann.add(ids, vectors)
+        return ann
+
+    @staticmethod
+    def training_size(n: int) -> int:
+        return min(n, max(20_000, 64 * ivf_lists(n)))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):

@@ -27,6 +27,7 @@ from polymodal.index.ann import ANN, KINDS, choose_kind, effective_kind
 from polymodal.index.store import DB_NAME, Record, Store
 
 DEFAULT_SOURCE = "default"  # the embedded default model
+RESCORE = 100  # an ivfpq search re-scores at least this many candidates exactly (from SQLite)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,10 @@ class Collection:
             kind = self._wanted_kind(n)
             if ann is not None and (ann.deletions != dels or ann.kind != kind or ann.generation > gen):
                 ann = None
-            if ann is None:
+            if ann is None and kind == "ivfpq":  # streamed from SQLite: only a sample in memory
+                train = self.store.sample_vectors(self.dim, ANN.training_size(n))
+                ann = ANN.build_ivfpq(n, train, self.store.iter_vectors(self.dim))
+            elif ann is None:
                 ids, vectors = self.store.vectors(self.dim)
                 ann = ANN.build(kind, ids, vectors) if len(ids) else ANN.empty("flat", self.dim)
             else:
@@ -210,7 +214,7 @@ class Collection:
                 scores, ids = ann.search(queries, k)
                 return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
             # Compressed codes rank approximately: fetch more candidates, re-score them exactly.
-            _, cand = ann.search(queries, max(4 * k, 40))
+            _, cand = ann.search(queries, max(10 * k, RESCORE))
         out = []
         for q, row in zip(queries, cand, strict=True):
             row = row[row >= 0]

@@ -94,6 +94,9 @@ class Store:
         for leftover in directory.glob(f".{DB_NAME}.*.tmp*"):
             leftover.unlink(missing_ok=True)
         db = sqlite3.connect(tmp, isolation_level=None)
+        # 16 KiB pages hold seven 512-d rows (2 KiB vector + metadata); 4 KiB pages hold one,
+        # which would double the file.
+        db.execute("PRAGMA page_size=16384")
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
         db.execute("BEGIN")
@@ -183,6 +186,29 @@ class Store:
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def sample_vectors(self, dim: int, n: int, seed: int = 0) -> np.ndarray:
+        """n vectors drawn at random without replacement (all of them when n >= len)."""
+        ids = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images")), np.int64)
+        pick = np.sort(np.random.default_rng(seed).choice(ids, min(n, len(ids)), replace=False))
+        out = []
+        for s in range(0, len(pick), 500):
+            chunk = [int(i) for i in pick[s:s + 500]]
+            rows = self.db.execute(f"SELECT vector FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            out.extend(np.frombuffer(r[0], np.float32) for r in rows)
+        return np.stack(out) if out else np.zeros((0, dim), np.float32)
+
+    def iter_rows(self, *, chunk: int = 10_000) -> Iterator[tuple[list[tuple], list[bytes]]]:
+        """Every image as (path, hash, size, mtime, width, height, model) rows and vector blobs,
+        in id order, a chunk at a time."""
+        last = 0
+        while True:
+            rows = self.db.execute("SELECT id, path, hash, size, mtime, width, height, model, vector FROM images "
+                                   "WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [r[1:8] for r in rows], [r[8] for r in rows]
 
     def max_id(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
