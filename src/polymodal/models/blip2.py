@@ -102,10 +102,11 @@ class Blip2Stage1(nn.Module):
         text = self.qformer(image, ids, attention_mask, mask="itg", eager=eager).text  # (B, T, width)
         return self.qformer.text_logits(text)
 
-    def forward(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,
+    def forward(self, pixels: Tensor | None, ids: Tensor, attention_mask: Tensor | None = None, *,
                 targets: Tensor | None = None, generator: torch.Generator | None = None,
-                eager: bool = False) -> Stage1Output:
+                features: Tensor | None = None, eager: bool = False) -> Stage1Output:
         """pixels (N, C, H, W) and ids, attention_mask (N, T): N matching pairs (image i, text i).
+        features (N, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once.
 
         targets (N, T): the ITG targets (the ids, -100 on padding), predicted from the position
         before. Given targets, the losses are set: ITC over the N x N scores, ITM on the pairs and on
@@ -113,7 +114,7 @@ class Blip2Stage1(nn.Module):
         proportion to its ITC similarity (BLIP-2 3.2), and ITG."""
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        image = image_features(self.visual, pixels, eager=eager)  # (N, 1 + P, vision_width)
+        image = features if features is not None else image_features(self.visual, pixels, eager=eager)
         img = F.normalize(self.vision_proj(self.qformer(image, eager=eager).queries), dim=-1)  # (N, Q, E)
         itc = self.itc_scores(img, self.text_embeds(ids, attention_mask, eager=eager))  # (N, N)
         itm = self._itm(image, ids, attention_mask, eager)
@@ -168,9 +169,12 @@ class Blip2(nn.Module):
         self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)
         self.lm = DecoderLM(cfg.lm)
 
-    def visual_prompt(self, pixels: Tensor, *, eager: bool = False) -> Tensor:
-        """pixels (B, C, H, W) -> (B, Q, embed_dim): the queries in the LLM's input embedding space."""
-        queries = self.qformer(image_features(self.visual, pixels, eager=eager), eager=eager).queries
+    def visual_prompt(self, pixels: Tensor | None, *, features: Tensor | None = None, eager: bool = False) -> Tensor:
+        """pixels (B, C, H, W) -> (B, Q, embed_dim): the queries in the LLM's input embedding space.
+        features (B, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once."""
+        if features is None:
+            features = image_features(self.visual, pixels, eager=eager)
+        queries = self.qformer(features, eager=eager).queries
         return self.language_projection(queries)
 
     def prompt(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,

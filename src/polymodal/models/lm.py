@@ -32,8 +32,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LMOutput:
-    logits: Tensor  # (B, T, vocab_size)
+    logits: Tensor | None  # (B, T, vocab_size); None when asked for the hidden states alone
     loss: Tensor | None = None  # next-token cross-entropy when targets are given
+    hidden: Tensor | None = None  # (B, T, embed_dim): the last hidden states, when asked for (logits=False)
 
 
 class DecoderLM(nn.Module):
@@ -96,7 +97,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                targets: Tensor | None = None, positions: Tensor | None = None,
+                targets: Tensor | None = None, positions: Tensor | None = None, logits: bool = True,
                 eager: bool = False, before_block: Callable[[int, Tensor], Tensor] | None = None) -> LMOutput:
         """ids (B, T), or inputs_embeds (B, T, embed_dim) such as soft visual prompts.
 
@@ -104,7 +105,8 @@ class DecoderLM(nn.Module):
         positions too. targets (B, T): the ids themselves, -100 where no loss is wanted; the
         loss predicts targets[:, t + 1] from position t. positions (B, T) overrides the ids
         computed from the mask. before_block(i, x) -> x runs before block i (Flamingo's gated
-        cross-attention layers go there).
+        cross-attention layers go there). logits=False skips the vocabulary projection and returns
+        the last hidden states (`LMOutput.hidden`), for a caller that scores a few positions (`head`).
         """
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
@@ -133,11 +135,16 @@ class DecoderLM(nn.Module):
             x = self.norm_final(x)
         if self.project_out is not None:
             x = self.project_out(x)  # (B, T, embed_dim)
-        head = self.token_embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, vocab_size)
+        if not logits:
+            return LMOutput(logits=None, hidden=x)
+        out = self.head(x)  # (B, T, vocab_size)
 
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
+            loss = F.cross_entropy(out[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
-        return LMOutput(logits=logits, loss=loss)
+        return LMOutput(logits=out, loss=loss)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """(..., embed_dim) last hidden states -> (..., vocab_size) next-token logits."""
+        return F.linear(hidden, self.token_embed.weight if self.lm_head is None else self.lm_head.weight)

@@ -28,6 +28,9 @@ from polymodal.processing.chat import apply_chat_template, template_tokens
 from polymodal.processing.image import ImageError, load_image, preprocess
 
 IMAGE_PLACEHOLDER = "<|polymodal:image|>"  # where the visual prompt goes in a rendered template
+# What `caption` asks a model whose LLM has a chat template (the default VLM is trained on it);
+# an LLM without one (OPT BLIP-2) captions from its BOS token alone, as the original.
+CAPTION_PROMPT = "Describe this image in a few words."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -77,7 +80,11 @@ class VLM:
 
     def caption(self, image, *, max_new_tokens: int = 30, min_new_tokens: int = 0, num_beams: int = 1,
                 prompt: str | None = None) -> str:
-        """A caption of `image`, from the BOS token alone (or after `prompt`, "a photo of", say)."""
+        """A caption of `image`, from the BOS token alone (or after `prompt`, "a photo of", say). A model
+        whose LLM has a chat template is asked CAPTION_PROMPT instead (or `prompt`, as a question)."""
+        if self.chat_template is not None:
+            return self.ask(image, CAPTION_PROMPT if prompt is None else prompt, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, num_beams=num_beams)
         px = self.pixels(image)
         cfg = self.generation_config(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                      num_beams=num_beams)

@@ -99,7 +99,7 @@ def stage1_terms(model: Blip2Stage1, batch: dict[str, Tensor]) -> dict[str, Tens
     targets = batch.get("targets")
     if targets is None:
         targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    out = model(batch["pixels"], ids, mask, targets=targets)
+    out = model(batch.get("pixels"), ids, mask, targets=targets, features=batch.get("features"))
     terms = {"itc_loss": out.itc_loss, "itm_loss": out.itm_loss}
     if out.itg_loss is not None:
         terms["itg_loss"] = out.itg_loss
@@ -115,11 +115,13 @@ def stage2_terms(model: Blip2, batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]], cfg: Blip2TrainConfig, *,
-                on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+                on_step: Callable[[int, dict], None] | None = None,
+                terms: Callable[[nn.Module, dict], dict[str, Tensor]] | None = None) -> list[dict]:
     """Train stage 1 (a Blip2Stage1) or stage 2 (a Blip2) for cfg.steps steps, in place, on the
-    model's device. Returns one metrics dict per step: every loss term, `loss`, `lr`, `grad_norm`."""
+    model's device. Returns one metrics dict per step: every loss term, `loss`, `lr`, `grad_norm`.
+    `terms(model, batch)` replaces the stage's own loss terms (train/vlm.py's chat-formatted stage 2)."""
     stage = stage_of(model)
-    terms_of = stage1_terms if stage == 1 else stage2_terms
+    terms_of = terms or (stage1_terms if stage == 1 else stage2_terms)
     device = next(model.parameters()).device
     groups = param_groups(model, cfg)
     trained = [p for group in groups for p in group["params"]]
@@ -134,8 +136,8 @@ def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, group["base_lr"])
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in next(stream).items()}
-        terms = terms_of(model, batch)
-        loss = total_loss(terms)
+        named = terms_of(model, batch)
+        loss = total_loss(named)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -143,7 +145,7 @@ def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]]
         if stage == 1:
             clamp_logit_scale_(model)
 
-        metrics = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+        metrics = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in named.items()},
                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
         history.append(metrics)
         if on_step is not None:

