@@ -49,10 +49,11 @@ def train_flamingo_cmd(
     latents: int = typer.Option(16, "--latents", min=1),
     depth: int = typer.Option(2, "--depth", min=1),
     frames: int = typer.Option(8, "--max-frames", min=1, help="Media-time embeddings (frames per clip at most)."),
-    eval_vqa: int = typer.Option(64, "--eval-vqa", min=1, help="Held-out few-shot VQA episodes."),
-    eval_clips: int = typer.Option(48, "--eval-clips", min=0, help="Held-out clips to caption."),
+    eval_vqa: int = typer.Option(48, "--eval-vqa", min=1, help="Held-out few-shot VQA episodes."),
+    eval_clips: int = typer.Option(40, "--eval-clips", min=0, help="Held-out clips to caption."),
     shots: int = typer.Option(2, "--shots", min=0),
     seed: int = typer.Option(0, "--seed"),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 autocast for speed (weights stay fp32)."),
     json_: bool = JSON,
 ) -> None:
     """Train a small Flamingo (frozen LM and vision tower) on interleaved scenes / emoji episodes and
@@ -65,7 +66,7 @@ def train_flamingo_cmd(
 
     torch.manual_seed(seed)
     train = FlamingoTrainConfig(steps=steps, batch_size=batch_size, lr=lr, gate_lr_scale=gate_lr_scale,
-                                warmup=warmup, seed=seed)
+                                warmup=warmup, seed=seed, bf16=bf16)
     perceiver = PerceiverConfig(latents=latents, depth=depth, heads=4, head_dim=64, max_frames=frames)
     result = run_recipe(out, lm_path=lm or smollm_gguf(), vision_path=vision, scenes=scenes, clips=clips,
                         emoji=emoji, train=train, perceiver=perceiver, cross_every=cross_every,

@@ -40,6 +40,7 @@ class FlamingoTrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: off
     seed: int = 0
+    bf16: bool = False  # bfloat16 autocast (weights stay fp32): ~3x faster matmuls on CPUs with AVX512-BF16
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.warmup < 0 or self.lr < 0:
@@ -75,7 +76,8 @@ class VisionCache:
         for i in range(0, len(todo), self.batch):
             chunk = todo[i:i + self.batch]
             px = torch.cat([preprocess(load_image(p), transform) for p in chunk])  # (n, C, H, W)
-            out = self.model.vision(px).tokens  # (n, 1 + N, width)
+            with torch.autocast("cpu", enabled=False):  # the cache holds fp32, whatever the caller's autocast
+                out = self.model.vision(px).tokens  # (n, 1 + N, width)
             self.tokens.update(zip(chunk, out, strict=True))
 
     def media(self, episodes: list[Episode]) -> Tensor:
@@ -89,10 +91,11 @@ class VisionCache:
         for b, e in enumerate(episodes):
             for m, item in enumerate(e.media):
                 groups.setdefault(len(item), []).append((b, m))
-        out = torch.zeros(B, M, L, D)
+        out = None
         for where in groups.values():  # one resampler call per frame count
             x = torch.stack([torch.stack([self.tokens[p] for p in episodes[b].media[m]]) for b, m in where])
             res = model.resampler(x)  # (G, L, D) from (G, F, 1 + N, D)
+            out = torch.zeros(B, M, L, D, dtype=res.dtype) if out is None else out.to(res.dtype)
             rows, cols = zip(*where, strict=True)
             out = out.index_put((torch.tensor(rows), torch.tensor(cols)), res)
         return out
@@ -150,8 +153,10 @@ def train_flamingo(model: Flamingo, episodes: Iterator[Episode], encode: Callabl
             g["lr"] = lr_at(step, cfg, g["base_lr"])
         batch_eps = [next(episodes) for _ in range(cfg.batch_size)]
         batch = collate(batch_eps, encode, model.cfg)
-        media = cache.media(batch_eps)
-        loss = model(batch["ids"], media=media, attention_mask=batch["attention_mask"], targets=batch["targets"]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            media = cache.media(batch_eps)
+            loss = model(batch["ids"], media=media, attention_mask=batch["attention_mask"],
+                         targets=batch["targets"]).loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -189,7 +194,7 @@ def score(episode: Episode, text: str) -> dict[str, bool]:
 @torch.no_grad()
 def evaluate_flamingo(model: Flamingo, episodes: list[Episode], encode: Callable[[str], list[int]],
                       decode: Callable[[list[int]], str], *, cache: VisionCache | None = None, batch_size: int = 8,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, bf16: bool = False) -> dict:
     """Greedy answers to held-out episodes, prompted with all but their last scored segment.
     Returns per kind the accuracy of each score (and a few examples)."""
     model.eval()
@@ -212,9 +217,10 @@ def evaluate_flamingo(model: Flamingo, episodes: list[Episode], encode: Callable
         mask = torch.zeros(len(rows), T, dtype=torch.long)
         for b, r in enumerate(rows):  # left padding
             ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
-        media = cache.media(prompts)
         new = 4 if all(e.kind == "vqa" for e in chunk) else 14
-        out = model.generate(ids, media=media, attention_mask=mask, max_new_tokens=new)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            media = cache.media(prompts)
+            out = model.generate(ids, media=media, attention_mask=mask, max_new_tokens=new)
         for b, e in enumerate(chunk):
             text = decode(out.tokens[b, : int(out.lengths[b])].tolist())
             results.setdefault(e.kind, []).append(score(e, text))

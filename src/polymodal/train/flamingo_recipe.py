@@ -92,7 +92,7 @@ def run_recipe(out, *, lm_path, vision_path=None, scenes, clips=None, emoji=None
         before = json.loads((out / "eval_start.json").read_text())
     else:
         log("evaluating the zero-gate start")
-        before = evaluate_flamingo(model, held_out, encode, decode, cache=cache, progress=progress)
+        before = evaluate_flamingo(model, held_out, encode, decode, cache=cache, progress=progress, bf16=train.bf16)
         _dump(out / "eval_start.json", before)
     start, optimizer_state = 0, None
     state_file = out / "state.pt"
@@ -126,7 +126,7 @@ def run_recipe(out, *, lm_path, vision_path=None, scenes, clips=None, emoji=None
         train_flamingo(model, episodes, encode, train, cache=cache, start=start, optimizer_state=optimizer_state,
                        on_step=on_step, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
     log("evaluating the trained model")
-    after = evaluate_flamingo(model, held_out, encode, decode, cache=cache, progress=progress)
+    after = evaluate_flamingo(model, held_out, encode, decode, cache=cache, progress=progress, bf16=train.bf16)
     _dump(out / "eval_end.json", after)
     save_flamingo(model, out, tokenizer, chat_template)
     return {"out": str(out), "steps": train.steps, "start": before, "end": after}
