@@ -325,3 +325,18 @@ def test_shards_merge_into_the_whole(tmp_path, model_dir, monkeypatch):
     assert len(err) == 1 and "shards must share one model" in err[0]
     with Collection.open(tmp_path / "merged") as c:
         assert c.search_image(str(images / "b/004.png"), 1)[0].path == str(images / "b/004.png")
+
+
+def test_searches_from_many_threads(tmp_path, embedder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = blobs(40, np.eye(16)[:5] * 3, 0.3)
+    add_synthetic(tmp_path / "db", embedder, x).close()
+    with Collection.open(tmp_path / "db", embedder) as c:
+        want = [c.search_vector(q, 5) for q in x[:40]]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda q: c.search_vector(q, 5), list(x[:40]) * 3))
+        assert got == want * 3
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda t: c.search_text(t, 3), ["a cat", "a dog"] * 4))
+        assert texts[::2] == [texts[0]] * 4 and texts[1::2] == [texts[1]] * 4

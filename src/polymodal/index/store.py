@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,21 +68,36 @@ _COLUMNS = "id, path, hash, size, mtime, width, height, model"
 
 class Store:
     """SQLite access for one existing collection directory (see `initialise`). `readonly=True`
-    never writes."""
+    never writes. Each thread gets its own connection (a server searches from many threads;
+    WAL lets them read while one writer commits)."""
 
     def __init__(self, directory: str | Path, *, readonly: bool = False):
         self.directory = Path(directory)
-        path = self.directory / DB_NAME
-        if not path.is_file():
+        self._path = self.directory / DB_NAME
+        if not self._path.is_file():
             raise ValueError(f"{self.directory}: not a polymodal collection (no {DB_NAME}); "
                              "build one with `polymodal index DIR --db COLLECTION`")
         self.readonly = readonly
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-        self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
-        if not readonly:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self.db.execute("SELECT COUNT(*) FROM info")  # fail here, not at the first search
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            uri = f"file:{self._path}?mode=ro" if self.readonly else f"file:{self._path}"
+            con = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            if not self.readonly:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+                con.executescript(SCHEMA)
+            self._local.con = con
+            with self._guard:
+                self._connections.append(con)
+        return con
 
     @staticmethod
     def initialise(directory: str | Path, info: dict) -> None:
@@ -106,7 +122,11 @@ class Store:
         os.replace(tmp, directory / DB_NAME)
 
     def close(self) -> None:
-        self.db.close()
+        with self._guard:
+            for con in self._connections:
+                con.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     # --- info -----------------------------------------------------------------------------------
 
