@@ -4,7 +4,8 @@ drops to chance on the swapped set; one that learned only the answers' prior doe
 
     nice -n 10 .venv/bin/python bench/flamingo_eval.py /work/runs/flamingo
 
-Reads the run's recipe.json for the data and the held-out set (the recipe's seed), prints one JSON doc.
+Reads the run's recipe.json for the data and the held-out set (the recipe's seed) and its
+eval_end.json for the right-media scores; prints one JSON doc.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main(run: str) -> None:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     cache = VisionCache(model)
     bf16 = recipe["train"].get("bf16", False)
-    right = evaluate_flamingo(model, held_out, encode, decode, cache=cache, bf16=bf16)
+    end = run_dir / "eval_end.json"  # the run scored the right media already
+    right = json.loads(end.read_text()) if end.is_file() else evaluate_flamingo(model, held_out, encode, decode,
+                                                                                cache=cache, bf16=bf16)
     wrong = evaluate_flamingo(model, swapped, encode, decode, cache=cache, bf16=bf16)
     strip = lambda d: {k: {m: v for m, v in r.items() if m != "examples"} for k, r in d.items()}  # noqa: E731
     print(json.dumps({"right_media": strip(right), "swapped_media": strip(wrong)}, indent=2))
