@@ -159,3 +159,38 @@ def test_cli_transcribe_say_spectrogram(clips, tmp_path):
     bad.write_text("nope")
     r = runner.invoke(app, ["transcribe", str(bad)])
     assert r.exit_code == 2 and str(bad) in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_ten_minutes_with_one_sentence_skips_the_silence(asr, clips, tmp_path):
+    """A 10-minute recording at 8 kHz, silent but for one sentence at 5:00: streamed, the silent windows
+    never reach the model, the sentence is found at its time."""
+    speech = load_audio(clips[2])
+    import soxr
+
+    low = soxr.resample(speech, 16000, 8000)
+    path = tmp_path / "meeting.wav"
+    with sf.SoundFile(path, "w", 8000, 1, subtype="PCM_16") as f:
+        f.write(np.zeros(300 * 8000, np.float32))
+        f.write(low)
+        f.write(np.zeros(300 * 8000 - low.shape[0], np.float32))
+    r = asr.transcribe(path)
+    assert abs(r["seconds"] - 600) < 0.1
+    (seg,) = r["segments"]
+    assert "window" in seg["text"].lower() and 299 <= seg["start"] <= 302
+
+
+def test_speaking_back(tmp_path, monkeypatch):
+    from polymodal.cli.audio import speak_aloud
+
+    # chat --speak: the answer is printed; speaking it works, or one note says why not, once
+    vlm_tests = pytest.importorskip("tests.test_vlm")
+    _, _, d = vlm_tests.checkpoint("opt", str(tmp_path))
+    image = vlm_tests.picture(tmp_path / "a.png", 1)
+    r = CliRunner().invoke(app, ["chat", str(image), "-m", str(d), "--max-new-tokens", "3", "--speak"],
+                           input="what is it\nand now\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 2 and r.stderr.count("note:") <= 1
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on the PATH: one clear line
+    assert "espeak-ng is not installed" in speak_aloud("hello")
+    r = CliRunner().invoke(app, ["say", "hello", "--out", str(tmp_path / "x.wav")])
+    assert r.exit_code == 2 and "espeak-ng is not installed" in r.output

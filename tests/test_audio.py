@@ -102,3 +102,22 @@ def test_bad_files_get_one_line_naming_them(tmp_path):
             load_audio(path)
         message = str(e.value)
         assert str(path) in message and words in message and "\n" not in message
+
+
+def test_a_long_recording_streams_in_bounded_memory(tmp_path):
+    """20 minutes at 8 kHz: the 16 kHz float32 whole would be 77 MB; streaming holds a window or two."""
+    import tracemalloc
+
+    path = tmp_path / "hours.wav"
+    with sf.SoundFile(path, "w", 8000, 1, subtype="PCM_16") as f:
+        block = tone(60, 8000, 300.0, amp=0.1)
+        for _ in range(20):
+            f.write(block)
+    tracemalloc.start()
+    total = 0
+    for w in stream_audio(path):
+        total += w.shape[0]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert abs(total - 20 * 60 * SAMPLE_RATE) <= 4
+    assert peak < 12e6, peak

@@ -95,6 +95,21 @@ def speak_to_file(text: str, out: Path, *, voice: str = "en-us", speed: int = 16
     return out
 
 
+def speak_aloud(text: str, *, voice: str = "en-us", speed: int = 160) -> str | None:
+    """Read text aloud through espeak-ng and the default sound device; None when it was spoken, else
+    one line saying why not (espeak-ng missing, no sound device)."""
+    try:
+        path = espeak_path()
+    except ValueError as e:
+        return str(e)
+    if not text.strip():
+        return None
+    run = subprocess.run([path, "-v", voice, "-s", str(speed), text], capture_output=True, text=True)
+    if run.returncode != 0 or "error" in run.stderr.lower():
+        return "espeak-ng could not play the answer (no sound device?); `polymodal say TEXT --out a.wav` writes a file"
+    return None
+
+
 @command(name="say")
 def say_cmd(
     text: str = typer.Argument(..., help="The text to speak."),

@@ -115,6 +115,7 @@ def chat(
     images: list[Path] = IMAGES_OPT,
     video: Path = VIDEO_OPT,
     max_new_tokens: int = MAX_NEW,
+    speak: bool = typer.Option(False, "--speak", help="Also read each answer aloud through espeak-ng."),
 ) -> None:
     """A terminal chat, one message per line on stdin, the answers streamed to stdout.
     Commands: /image PATH, /reset, /save PATH, /quit. With a Flamingo, /image adds an image to the
@@ -153,7 +154,14 @@ def chat(
             elif word.startswith("/"):
                 say(f"error: unknown command {word}; known: /image PATH, /reset, /save PATH, /quit")
             else:
-                session.send(line, stream=lambda piece: typer.echo(piece, nl=False))
+                answer = session.send(line, stream=lambda piece: typer.echo(piece, nl=False))
                 typer.echo("")
+                if speak:  # read aloud; a missing espeak-ng or sound device is said once, then speaking stops
+                    from polymodal.cli.audio import speak_aloud
+
+                    problem = speak_aloud(answer)
+                    if problem:
+                        say(f"note: {problem}")
+                        speak = False
         except USER_ERRORS as e:  # a bad image or line: say so and keep chatting
             say(f"error: {e}")

@@ -11,6 +11,10 @@ loaded whole) and decoded with timestamps, OpenAI's way: the window's complete s
 kept, and the next window starts at the last complete timestamp, so no word is cut in two.
 A window whose level is below -60 dBFS is silence and is skipped without running the model.
 
+On a CPU the encoder runs on torch's threads and the decoder on `decode_threads` (1 by default):
+each decoding step is a chain of tiny matrix products (one token), where waking a second thread
+costs more than it saves, badly so on a loaded machine (measured in bench/transcribe.py).
+
 `audio_ctx` (opt-in, whisper.cpp's name; here in seconds) trims the encoder's context of a short
 clip from 30 s to max(audio_ctx, the clip + 1 s): the encoder's cost falls with its length. Cut
 to the clip alone, tiny.en loses its way (it never saw a window end in speech); 10 s keeps its
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -128,11 +133,26 @@ def segments_of(tokens: list[int], cfg: WhisperConfig, window_seconds: float) ->
     return ([(0.0, end, text)] if text else []), window_seconds, True
 
 
+@contextmanager
+def _threads(n: int | None, device: torch.device):
+    """Run the block on n CPU threads (torch's setting is process-wide; restored afterwards)."""
+    if n is None or device.type != "cpu" or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ASR:
     """A Whisper model with its tokenizer: `transcribe`, `transcribe_folder`."""
 
-    def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None):
+    def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None, decode_threads: int | None = 1):
         self.model, self.tokenizer, self.audio_ctx = model, tokenizer, audio_ctx
+        self.decode_threads = decode_threads
         self.cfg: WhisperConfig = model.cfg
 
     @classmethod
@@ -169,7 +189,8 @@ class ASR:
         ids = torch.tensor([prefix] * mel.shape[0], device=mel.device)
         gen = GenerationConfig(max_new_tokens=max_new, num_beams=num_beams, eos_token_id=cfg.eos_token_id,
                                logits_hook=logits_rules(cfg, timestamps))
-        with self.model.decoding(self.model.encode(mel)) as decoding:
+        states = self.model.encode(mel)
+        with self.model.decoding(states) as decoding, _threads(self.decode_threads, mel.device):
             out = generate(decoding, ids, config=gen)
         rows = []
         for row, n in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True):
