@@ -11,10 +11,10 @@ from polymodal.config import ImageTransformConfig
 from polymodal.processing.image import ImageError, load_image
 
 
-def _load(model: str):
+def _load(model: str, **options):
     import polymodal
 
-    return polymodal.load(model)
+    return polymodal.load(model, **options)
 
 
 def _save(image, out: Path) -> str:
@@ -143,6 +143,10 @@ def embed(
     image: list[Path] = IMAGES,
     text: list[str] = TEXTS,
     out: Path = typer.Option(Path("embeddings.npy"), "--out", "-o", help="The .npy file to write."),
+    int8: bool = typer.Option(False, "--int8", help="Int8 dynamic quantization of the Linear layers (CPU only; "
+                              "faster, embeddings within cosine 0.99 of fp32)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the towers (slow first batch; "
+                                  "pays off on large jobs)."),
     json_: bool = JSON,
 ) -> None:
     """Embed images or texts into a float32 (N, D) .npy of L2-normalised rows."""
@@ -150,7 +154,7 @@ def embed(
 
     if bool(image) == bool(text):
         raise ValueError("give --image or --text (one kind per run)")
-    embedder = _load(model)
+    embedder = _load(model, int8=int8, compile=compile_)
     skipped = []
     if image:
         result, skipped = _embed_images(embedder, image)

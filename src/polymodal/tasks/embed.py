@@ -55,12 +55,30 @@ def _batches(n: int, size: int, progress: bool, what: str) -> Iterable[range]:
 
 class Embedder:
     def __init__(self, model: CLIP, tokenizer: Tokenizer, *, device: str | torch.device | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, int8: bool = False, compile: bool = False, bf16: bool | None = None):
+        """int8: Linear layers dynamically quantized to int8 (CPU only; cosine to fp32 >= 0.99 on
+        our checks, see BENCHMARKS.md). compile: `torch.compile` the two towers (the first call of
+        each shape compiles, slowly). bf16: bfloat16 autocast; by default on for CUDA, off on the CPU."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if int8:
+            from polymodal.nn.quant import quantize_int8
+
+            if self.device.type != "cpu":
+                raise ValueError(f"int8 runs on the CPU only, not on {self.device}; drop int8 or use device='cpu'")
+            model = quantize_int8(model.cpu())
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.transform = model.cfg.image_transform
         self.batch_size = batch_size
+        self.int8 = int8
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
+        self._image_fn, self._text_fn = self.model.image_features, self.model.text_features
+        if compile:
+            self._image_fn = torch.compile(self._image_fn)
+            self._text_fn = torch.compile(self._text_fn, dynamic=True)  # batches differ in length
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> Embedder:
@@ -113,7 +131,8 @@ class Embedder:
 
     @torch.inference_mode()
     def _image_vectors(self, pixels: torch.Tensor) -> np.ndarray:
-        return self.model.image_features(pixels.to(self.device)).float().cpu().numpy()
+        with self._autocast():
+            return self._image_fn(pixels.to(self.device)).float().cpu().numpy()
 
     # --- texts ------------------------------------------------------------------------
 
@@ -132,7 +151,8 @@ class Embedder:
             for r, row in enumerate(rows):
                 tokens[r, :len(row)] = torch.tensor(row)
                 mask[r, :len(row)] = 1
-            vecs = self.model.text_features(tokens.to(self.device), mask.to(self.device))
+            with self._autocast():
+                vecs = self._text_fn(tokens.to(self.device), mask.to(self.device))
             out[[order[j] for j in batch]] = vecs.float().cpu().numpy()
         return out
 
