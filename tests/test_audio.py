@@ -96,8 +96,10 @@ def test_bad_files_get_one_line_naming_them(tmp_path):
     sf.write(good, tone(2, SAMPLE_RATE), SAMPLE_RATE)
     truncated = tmp_path / "cut.wav"
     truncated.write_bytes(good.read_bytes()[:40])  # the header alone, cut short
+    aac = tmp_path / "voice.m4a"
+    aac.write_bytes(b"\0\0\0\x20ftypM4A " + bytes(200))
     for path, words in ((empty, "empty"), (text, "not audio"), (tmp_path / "missing.wav", "no such file"),
-                        (tmp_path, "directory"), (truncated, "")):
+                        (tmp_path, "directory"), (truncated, ""), (aac, "unsupported codec")):
         with pytest.raises(AudioError) as e:
             load_audio(path)
         message = str(e.value)

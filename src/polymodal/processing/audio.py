@@ -30,7 +30,9 @@ N_MELS = 80
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480,000 samples: one encoder window
 N_FRAMES = N_SAMPLES // HOP  # 3,000 mel frames
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64",
+                  ".m4a", ".aac", ".wma", ".webm", ".amr")  # the last five: listed so they are reported
+UNSUPPORTED = {".m4a": "AAC in MP4", ".aac": "AAC", ".wma": "WMA", ".webm": "WebM", ".amr": "AMR"}
 
 
 class AudioError(ValueError):
@@ -55,6 +57,9 @@ def _open(path: str | os.PathLike):
     try:
         f = sf.SoundFile(name)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        if p.suffix.lower() in UNSUPPORTED:
+            raise AudioError(f"{name}: unsupported codec ({UNSUPPORTED[p.suffix.lower()]}); convert it to WAV, "
+                             "FLAC or OGG first (ffmpeg -i IN OUT.flac)") from None
         reason = _one_line(e).replace(f"Error opening {name!r}: ", "")
         raise AudioError(f"{name}: not audio soundfile can read (WAV, FLAC, OGG, MP3): {reason}") from None
     if f.frames == 0 or f.samplerate <= 0:
