@@ -68,3 +68,13 @@ def test_the_main_job_end_to_end(tmp_path):
     report = (tmp_path / "report.html").read_text()
     assert report.count("<figure>") >= 5 * len(doc["searches"]) and "data:image/png;base64," in report
     assert (tmp_path / "similarity.png").is_file() and (tmp_path / "patches.png").is_file()
+    assert doc["index"]["added"] == doc["images"] and doc["index"]["bad"] == 0
+
+    # the collection is an index the other commands read; a rerun embeds nothing again
+    res = CliRunner().invoke(app, ["search", "--db", str(tmp_path / "collection" / "db"), "a red heart", "--json"])
+    assert res.exit_code == 0, res.output
+    again = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--emoji-limit", "40", "--clipart-limit", "200",
+                                     "--json"])
+    redo = json.loads(again.stdout)
+    assert redo["index"]["added"] == 0 and redo["index"]["unchanged"] == doc["images"]
+    assert redo["searches"] == doc["searches"]

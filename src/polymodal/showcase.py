@@ -13,11 +13,12 @@ import base64
 import html
 import io
 import json
+import os
+import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 QUERIES = ["a smiling face", "a crying face", "a cat", "a dog", "kitty", "puppy", "automobile", "a red car",
@@ -82,6 +83,7 @@ def _picture(image: Image.Image) -> str:
 def run_showcase(out: Path, *, model=None, emoji_limit: int | None = 2000, clipart_limit: int | None = 1500,
                  k: int = 5, progress: bool = False, on_note: Callable[[str], None] = print) -> dict:
     import polymodal
+    from polymodal.index import Collection, build
     from polymodal.processing.image import load_image
     from polymodal.viz import draw_patches, draw_similarity
 
@@ -90,24 +92,35 @@ def run_showcase(out: Path, *, model=None, emoji_limit: int | None = 2000, clipa
     embedder = polymodal.load(model)
     items = build_collection(out / "collection", emoji_limit=emoji_limit, clipart_limit=clipart_limit,
                              progress=progress, on_note=on_note)
-    on_note(f"embedding {len(items)} images")
-    result = embedder.embed_images([it["path"] for it in items], progress=progress,
-                                   on_error=lambda i, m: on_note(f"skipped: {m}"))
-    items = [items[i] for i in result.ok]
-    vectors = result.vectors  # (N, D); an exact search over them (the index issue brings FAISS)
-    np.save(out / "collection" / "vectors.npy", vectors)
-    (out / "collection" / "items.json").write_text(json.dumps(items, indent=1))
+    # One folder of links to the collection's pictures, indexed as any user's folder would be
+    # (polymodal index): a rerun finds them committed and embeds nothing again.
+    images = (out / "collection" / "images").resolve()
+    for it in items:
+        link = images / it["source"] / Path(it["path"]).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            try:
+                os.link(it["path"], link)  # a hard link: no copy, and the path stays the folder's own
+            except OSError:
+                shutil.copy2(it["path"], link)
+        it["path"] = str(link)
+    on_note(f"indexing {len(items)} images into {out / 'collection' / 'db'}")
+    report = build(images, out / "collection" / "db", model=model, progress=progress, workers=0,
+                   on_bad=lambda m: on_note(f"skipped: {m}"))
+    collection = Collection.open(out / "collection" / "db")  # the model recorded in it: the one above
+    by_path = {it["path"]: it for it in items}
+    paths = {r.id: r.path for r in collection.records()}
+    ids, vectors = collection.vectors()  # (N,), (N, D) in id order
+    keep = [i for i, id_ in enumerate(ids) if paths.get(int(id_)) in by_path]
+    items, vectors = [by_path[paths[int(ids[i])]] for i in keep], vectors[keep]
 
-    def top(query_vec: np.ndarray, exclude: int | None = None) -> list[dict]:
-        scores = vectors @ query_vec
-        if exclude is not None:
-            scores[exclude] = -np.inf
-        return [{**items[i], "score": float(scores[i])} for i in np.argsort(-scores)[:k]]
+    def top(hits, exclude: str | None = None) -> list[dict]:
+        return [{**by_path[h.path], "score": h.score} for h in hits if h.path != exclude and h.path in by_path][:k]
 
-    text_vecs = embedder.encode_text(QUERIES)
-    searches = {q: top(v) for q, v in zip(QUERIES, text_vecs, strict=True)}
+    searches = {q: top(collection.search_text(q, k)) for q in QUERIES}
     photo = next((i for i, it in enumerate(items) if it["caption"] == "chelsea.png"), 0)
-    image_search = {"query": items[photo], "results": top(vectors[photo], exclude=photo)}
+    image_search = {"query": items[photo],
+                    "results": top(collection.search_image(items[photo]["path"], k + 1), exclude=items[photo]["path"])}
     emoji = [i for i, it in enumerate(items) if it["source"] == "emoji-apple"][:: max(1, len(items) // 40)][:8]
     ranked = embedder.zero_shot(vectors[emoji], LABELS, template="an emoji of {}")
     zero_shot = [{**items[i], "labels": r[:3]} for i, r in zip(emoji, ranked, strict=True)]
@@ -119,7 +132,9 @@ def run_showcase(out: Path, *, model=None, emoji_limit: int | None = 2000, clipa
     patches = draw_patches(load_image(items[photo]["path"]), embedder.model.cfg.vision.patch_size, embedder.transform)
     heatmap.save(out / "similarity.png")
     patches.save(out / "patches.png")
-    report = {"images": len(items), "searches": searches, "image_search": image_search, "zero_shot": zero_shot}
+    report = {"images": len(items), "index": {"kind": collection.kind, "added": report.added,
+                                              "unchanged": report.unchanged, "bad": len(report.bad)},
+              "searches": searches, "image_search": image_search, "zero_shot": zero_shot}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.html").write_text(_html(report, heatmap, patches))
     return report
@@ -139,6 +154,8 @@ def _html(report: dict, heatmap: Image.Image, patches: Image.Image) -> str:
              "<p>Apple-style emoji (a style absent from training), held-out clip art (subjects absent from "
              "training) and scikit-image's photos. Words such as <i>kitty</i>, <i>puppy</i> and <i>automobile</i> "
              "appear in no training caption: the locked pretrained text tower knows them.</p>",
+             f"<p>Searched through a polymodal collection ({html.escape(report['index']['kind'])} FAISS index over "
+             "SQLite; <code>polymodal search --db COLLECTION/db</code> queries it too).</p>",
              "<h2>Text search</h2>"]
     for query, results in report["searches"].items():
         parts.append(f"<h3>{html.escape(query)}</h3>")

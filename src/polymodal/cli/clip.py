@@ -306,7 +306,7 @@ def demo(
                           progress=_progress(), on_note=say)
     if json_:
         return _emit({"out": str(out), "report": str(out / "report.html"), "images": report["images"],
-                      "searches": {q: [r["caption"] for r in rs] for q, rs in report["searches"].items()}})
+                      "index": report["index"], "searches": {q: [r["caption"] for r in rs] for q, rs in report["searches"].items()}})
     console = _console()
     from rich.markup import escape
     from rich.table import Table
