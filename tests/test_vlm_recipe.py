@@ -190,3 +190,22 @@ def test_train_vlm_end_to_end(parts, tmp_path):
             load_vlm_checkpoint(out)
     finally:
         clip_file.write_bytes(original)
+
+
+def test_cli_train_vlm(parts, tmp_path):
+    from typer.testing import CliRunner
+
+    from polymodal.cli import app
+
+    r = recipe(parts).to_dict()
+    r["stage1"]["steps"], r["stage2"]["steps"] = 3, 2
+    (tmp_path / "recipe.json").write_text(json.dumps(r))
+    out = tmp_path / "vlm"
+    result = CliRunner().invoke(app, ["train", "vlm", "--data", str(parts / "colours"), "--out", str(out),
+                                      "--config", str(tmp_path / "recipe.json"), "--stage2-steps", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["out"] == str(out) and doc["stage"] == "stage2" and doc["step"] == 4
+    assert json.loads((out / "recipe.json").read_text())["stage2"]["steps"] == 4
+    missing = CliRunner().invoke(app, ["train", "vlm", "--data", str(tmp_path), "--out", str(out)])
+    assert missing.exit_code == 2 and "captions.jsonl" in missing.output

@@ -95,4 +95,4 @@ def main() -> None:
 
 
 # The commands register themselves on `app` when their modules are imported.
-from polymodal.cli import audio, clip, data, flamingo, index, serve, train, vlm  # noqa: E402, F401
+from polymodal.cli import audio, clip, data, flamingo, index, serve, train, vlm, vlm_train  # noqa: E402, F401

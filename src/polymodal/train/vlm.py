@@ -34,6 +34,7 @@ from torch import Tensor
 from polymodal.config import Blip2Config, QFormerConfig
 from polymodal.models.blip2 import Blip2, Blip2Stage1, image_features
 from polymodal.models.lm import IGNORE_INDEX
+from polymodal.models.qformer import bert_init
 from polymodal.processing.chat import apply_chat_template, template_tokens
 from polymodal.processing.image import ImageError, load_image, preprocess
 from polymodal.tasks.vlm import CAPTION_PROMPT, IMAGE_PLACEHOLDER
@@ -262,6 +263,8 @@ def build_models(recipe: VLMRecipe):
     stage1 = Blip2Stage1(Blip2Config(qformer=qcfg, lm=None, **base))
     stage2 = Blip2(Blip2Config(qformer=qcfg.replace(text_input=False, lm_head=False), lm=lm.cfg,
                                lm_weights=recipe.lm, **base))
+    for part in (stage1.qformer, stage1.vision_proj, stage1.text_proj, stage1.itm_head):
+        part.apply(bert_init)
     for model in (stage1, stage2):
         model.visual.load_state_dict(visual.state_dict())
     stage2.lm.load_state_dict(lm.state_dict())
@@ -284,10 +287,12 @@ def _log(path: Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *, progress: bool = False,
-              on_step: Callable[[str, int, dict], None] | None = None) -> Path:
+def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
+              on_step: Callable[[str, int, dict], None] | None = None,
+              on_features: Callable[[int, int], None] | None = None) -> Path:
     """Both stages, then save the model to `out` (our format, the frozen parts referenced) with
-    `metrics.jsonl` (one line per step and stage) and `recipe.json`."""
+    `metrics.jsonl` (one line per step and stage) and `recipe.json`. on_features(done, total) follows
+    the ViT features' computation, on_step(stage, step, metrics) the training."""
     from polymodal.checkpoints.vlm_io import save_vlm
     from polymodal.train.blip2 import Blip2TrainConfig, train_blip2
 
@@ -302,7 +307,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *, progress:
     if not examples:
         raise ValueError(f"{data}: no training examples (captions.jsonl rows with split 'train')")
     t0 = time.time()
-    features, bad = vision_features(stage1.visual, [ex["image"] for ex in examples], stage1.cfg.image_transform)
+    features, bad = vision_features(stage1.visual, [ex["image"] for ex in examples], stage1.cfg.image_transform,
+                                    on_progress=on_features)
     keep = [i for i in range(len(examples)) if i not in set(bad)]
     examples, features = [examples[i] for i in keep], features[keep]
     _log(metrics, {"stage": "features", "images": len(examples), "unreadable": len(bad),
