@@ -78,6 +78,25 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
 
 
+def report(outputs: dict[str, str], commands: dict[str, str], size: str, started: float, load_before: str,
+           done: bool) -> str:
+    """The block between the markers: machine, load, the goals table, every command and its output."""
+    import torch
+
+    minutes = (time.time() - started) / 60
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    status = f"{minutes:.1f} min in all" if done else f"UNFINISHED: {len(outputs)} benchmarks so far, {minutes:.1f} min"
+    text = [BEGIN, "", f"## Measured by `python bench/run.py{'' if size == 'default' else ' --' + size}`", "",
+            f"{when}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, fp32 unless marked; {status}. "
+            f"Before: {load_before}; after: {load()}.", "",
+            "| goal (issue 8) | target | measured | met |", "| --- | --- | --- | --- |"]
+    text += [f"| {what} | {goal} | {value} | {met} |" for what, goal, value, met in goals(outputs)]
+    for name, out in outputs.items():
+        text += ["", f"`{commands[name]}`", "", "```", out, "```"]
+    return "\n".join([*text, "", END])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the issue's sizes: 10,000 captions, more repeats")
@@ -86,8 +105,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
-
-    import torch
 
     size = "full" if args.full else "quick" if args.quick else "default"
     todo = {k: v for k, v in benches(size).items() if not args.only or k in args.only}
@@ -111,31 +128,20 @@ def main() -> None:
         if proc.returncode:
             failed.append(name)
             outputs[name] += f"\nFAILED: exit code {proc.returncode}"
-    minutes = (time.time() - started) / 60
-    load_after = load()
-    print(f"\n{load_after}; {minutes:.1f} min in all", flush=True)
-
-    rows = goals(outputs)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = [BEGIN, "", f"## Measured by `python bench/run.py{'' if size == 'default' else ' --' + size}`", "",
-            f"{when}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, fp32 unless marked; {minutes:.1f} min in all. "
-            f"Before: {load_before}; after: {load_after}.", "",
-            "| goal (issue 8) | target | measured | met |", "| --- | --- | --- | --- |"]
-    text += [f"| {what} | {goal} | {value} | {met} |" for what, goal, value, met in rows]
-    for name, out in outputs.items():
-        text += ["", f"`{commands[name]}`", "", "```", out, "```"]
-    text += ["", END]
-    block = "\n".join(text)
-    print("\n" + block)
-    if not args.no_write:
-        old = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + block + "\n"
-        args.out.write_text(new)
-        print(f"\nwrote {args.out}")
+        done = len(outputs) == len(todo)
+        if done:
+            print(f"\n{load()}; {(time.time() - started) / 60:.1f} min in all", flush=True)
+        block = report(outputs, commands, size, started, load_before, done)
+        if done:
+            print("\n" + block)
+        if not args.no_write:  # after every benchmark, so a run cut short still leaves its results
+            old = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+            if BEGIN in old and END in old:
+                new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+            else:
+                new = old.rstrip("\n") + "\n\n" + block + "\n"
+            args.out.write_text(new)
+            print(f"wrote {args.out}", flush=True)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 
