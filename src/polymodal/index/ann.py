@@ -28,6 +28,7 @@ import numpy as np
 FLAT_MAX = 50_000
 HNSW_MAX = 500_000
 IVFPQ_MIN = 10_000
+NPROBE = 32
 KINDS = ("flat", "hnsw", "ivfpq")
 _NAME = re.compile(r"^vectors\.g(\d+)\.d(\d+)\.m(\d+)\.(flat|hnsw|ivfpq)\.faiss$")
 
@@ -71,6 +72,7 @@ class ANN:
     generation: int = 0
     deletions: int = 0
     max_id: int = 0
+    nprobe: int = NPROBE  # ivfpq: inverted lists visited a query (more: better recall, slower)
 
     @property
     def exact(self) -> bool:
@@ -100,7 +102,7 @@ class ANN:
             index.cp.min_points_per_centroid = 5  # quiet on small training sets
             index.pq.cp.max_points_per_centroid = 64  # 16,384 points train each sub-quantiser (not 65,536)
             index.train(np.ascontiguousarray(train, np.float32))
-            index.nprobe = min(n_lists, 32)
+            index.nprobe = min(n_lists, NPROBE)
         else:
             raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
         return cls(kind, index, dim)
@@ -141,7 +143,7 @@ class ANN:
         if self.kind == "hnsw":
             _faiss().downcast_index(self.index.index).hnsw.efSearch = max(64, 2 * k)
         elif self.kind == "ivfpq":
-            self.index.nprobe = min(self.index.nlist, 32)
+            self.index.nprobe = min(self.index.nlist, self.nprobe)
         return self.index.search(np.ascontiguousarray(queries, np.float32), k)
 
     # --- files ----------------------------------------------------------------------------------

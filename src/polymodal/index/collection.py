@@ -81,6 +81,7 @@ class Collection:
         self.index_kind = info.get("index_kind") or None  # an override, or None for automatic
         self._embedder = None
         self._ann: ANN | None = None
+        self.rescore = RESCORE
         self._lock = threading.RLock()
         if embedder is not None:
             self.check_model(embedder)
@@ -214,7 +215,7 @@ class Collection:
                 scores, ids = ann.search(queries, k)
                 return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
             # Compressed codes rank approximately: fetch more candidates, re-score them exactly.
-            _, cand = ann.search(queries, max(10 * k, RESCORE))
+            _, cand = ann.search(queries, max(10 * k, self.rescore))
         out = []
         for q, row in zip(queries, cand, strict=True):
             row = row[row >= 0]
