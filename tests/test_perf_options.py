@@ -110,3 +110,29 @@ def test_cli_embed_int8(tmp_path, model_dir, images):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     reference = polymodal.load(model_dir, device="cpu").encode_image(images)
     assert cosines(vectors, reference).min() >= 0.99
+
+
+def test_vit_last_block_for_the_class_token_only_equals_the_full_block():
+    from polymodal.nn import Attention, Block
+
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_dim=128),
+                            text=TextConfig(width=32, layers=1, heads=2, mlp_dim=64), embed_dim=16)).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = model.visual(pixels)
+        lean = model.visual(pixels, pooled_only=True)
+        assert lean.tokens.shape == (3, 1, 64) and full.tokens.shape == (3, 17, 64)
+        torch.testing.assert_close(lean.pooled, full.pooled, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lean.tokens[:, 0], full.tokens[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.visual(pixels, pooled_only=True, eager=True).pooled, full.pooled,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.image_features(pixels), torch.nn.functional.normalize(
+            model.visual_proj(full.pooled), dim=-1), atol=1e-5, rtol=0)
+        # keep with a padding mask (BERT-style (B, 1, 1, S) and per-query (B, 1, T, S))
+        block, x = Block(64, 4, 128), torch.randn(2, 5, 64)
+        for mask in (torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()[:, None, None, :],
+                     torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()):
+            torch.testing.assert_close(block(x, mask=mask, keep=2), block(x, mask=mask)[:, :2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="keep"):
+        Attention(64, 4)(torch.randn(1, 4, 64), causal=True, keep=1)

@@ -44,7 +44,7 @@ class CLIP(nn.Module):
 
     def image_features(self, pixels: Tensor, *, normalize: bool = True) -> Tensor:
         """pixels (N, 3, H, W) -> (N, embed_dim)."""
-        x = self.visual_proj(self.visual(pixels).pooled)
+        x = self.visual_proj(self.visual(pixels, pooled_only=True).pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
     def text_features(self, ids: Tensor, attention_mask: Tensor | None = None, *,

@@ -48,7 +48,7 @@ def patchify(pixels: Tensor, patch_size: int) -> Tensor:
 @dataclass
 class VisionOutput:
     pooled: Tensor  # (B, width): the class token after norm_post (or the mean of patches)
-    tokens: Tensor  # (B, 1 + num_patches, width): the encoder's last hidden states
+    tokens: Tensor  # (B, 1 + num_patches, width): the encoder's last hidden states ((B, 1, width) if pooled_only)
 
 
 class VisionTransformer(nn.Module):
@@ -76,8 +76,11 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)  # (gh * gw, width)
         return torch.cat([cls_pos, patch_pos])
 
-    def forward(self, pixels: Tensor, *, eager: bool = False) -> VisionOutput:
-        """pixels: (B, C, H, W) normalised; H and W multiples of the patch size."""
+    def forward(self, pixels: Tensor, *, eager: bool = False, pooled_only: bool = False) -> VisionOutput:
+        """pixels: (B, C, H, W) normalised; H and W multiples of the patch size.
+        pooled_only: the caller reads `pooled` alone, so with class-token pooling the last block
+        runs its output projection and MLP for the class token only (same result, ~6% less work
+        for ViT-B/32); `tokens` is then the class token alone (B, 1, width)."""
         B, _, H, W = pixels.shape
         P = self.cfg.patch_size
         if H % P or W % P:
@@ -86,7 +89,8 @@ class VisionTransformer(nn.Module):
         cls = self.class_token.expand(B, 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1) + self.position_embeddings(H // P, W // P)  # (B, 1 + N, width)
         x = self.norm_pre(x)
-        for block in self.blocks:
-            x = block(x, eager=eager)
+        last = len(self.blocks) - 1 if pooled_only and self.cfg.pool == "cls" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, eager=eager, keep=1 if i == last else None)  # (B, 1 + N, width); (B, 1, width) last
         pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, width)
         return VisionOutput(pooled=self.norm_post(pooled), tokens=x)

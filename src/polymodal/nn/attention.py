@@ -92,12 +92,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 causal: bool = False, cache: KVCache | None = None, layer: int = 0,
-                rope: Callable[[Tensor, int], Tensor] | None = None, eager: bool = False) -> Tensor:
+                rope: Callable[[Tensor, int], Tensor] | None = None, eager: bool = False,
+                keep: int | None = None) -> Tensor:
         """x: (B, T, dim); context: (B, S, context_dim) for cross-attention.
 
         mask: boolean (True = may attend) or additive float, broadcastable to (B, heads, T, S).
         rope(t, offset) rotates queries and keys (B, heads, T, head_dim) at positions from offset.
+        keep: only the first `keep` positions' outputs (B, keep, dim), their queries still seeing
+        every key: a ViT's last block needs only its class token. Not with causal, cache or rope.
         """
+        if keep is not None and (causal or cache is not None or rope is not None or self.cross):
+            raise ValueError("keep works for plain self-attention only (no causal mask, cache, rope or context)")
         B, T, _ = x.shape
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.cross:
@@ -108,6 +113,9 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q, k, v = self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+        if keep is not None:
+            q, T = q[:, :, :keep], keep  # (B, heads, keep, head_dim)
+            mask = mask[..., :keep, :] if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1 else mask
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, before positions and the cache
 

@@ -34,10 +34,16 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 context_mask: Tensor | None = None, causal: bool = False, cache: KVCache | None = None,
-                layer: int = 0, rope: Callable | None = None, eager: bool = False) -> Tensor:
-        """x: (B, T, dim); context: (B, S, cross_dim) when the block has cross-attention."""
+                layer: int = 0, rope: Callable | None = None, eager: bool = False, keep: int | None = None) -> Tensor:
+        """x: (B, T, dim); context: (B, S, cross_dim) when the block has cross-attention.
+        keep: only the first `keep` positions come out (B, keep, dim), attending to all of x."""
         attn = lambda h: self.attn(h, mask=mask, causal=causal, cache=cache, layer=layer,  # noqa: E731
-                                   rope=rope, eager=eager)
+                                   rope=rope, eager=eager, keep=keep)
+        if keep is not None:
+            if not self.pre_norm or self.xattn is not None:
+                raise ValueError("keep works for a pre-norm block without cross-attention")
+            x = x[:, :keep] + attn(self.norm1(x))  # (B, keep, dim)
+            return x + self.mlp(self.norm2(x))
         xattn = lambda h: self.xattn(h, context, mask=context_mask, eager=eager)  # noqa: E731
         if self.pre_norm:
             x = x + attn(self.norm1(x))
