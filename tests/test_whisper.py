@@ -229,3 +229,27 @@ def test_real_tiny_en_loads_from_the_package():
     from polymodal.models.whisper import sinusoids
 
     assert (model.encoder.pos_embed - sinusoids(1500, 384)).abs().max() < 2e-3
+
+
+def test_convert_to_our_format(pair, tmp_path):
+    """`polymodal convert` on a CTranslate2 and on a transformers Whisper directory writes our format,
+    which loads back with the same weights."""
+    from typer.testing import CliRunner
+
+    from polymodal.cli import app
+    from polymodal.tasks.asr import load_whisper
+
+    _, ours = pair
+    tokenizer = pytest.importorskip("tokenizers")
+    tok = tokenizer.Tokenizer(tokenizer.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    write_ct2(ours, tmp_path / "ct2")
+    tok.save(str(tmp_path / "ct2" / "tokenizer.json"))
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "ct2"), str(tmp_path / "own"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    back, _ = load_whisper(tmp_path / "own")
+    assert back.cfg == load_ct2_whisper(tmp_path / "ct2").cfg
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.half().float()), k
+    with pytest.raises(CheckpointError, match="not a Whisper"):
+        load_whisper(tmp_path)
