@@ -43,8 +43,9 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.latents = nn.Parameter(torch.randn(cfg.latents, dim))
-        # media-time embeddings, one per frame (Flamingo); none for IDEFICS
-        self.time_embed = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02) if cfg.max_frames else None
+        # media-time embeddings, one per frame (Flamingo); none for IDEFICS. Unit scale, as
+        # flamingo-pytorch: at 0.02 they vanish next to the features and frames cannot be told apart
+        self.time_embed = nn.Parameter(torch.randn(cfg.max_frames, dim)) if cfg.max_frames else None
         self.layers = nn.ModuleList(PerceiverLayer(dim, cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
