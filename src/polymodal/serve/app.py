@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from polymodal import __version__
-from polymodal.serve import api, errors, openai_api
+from polymodal.serve import api, audio_api, errors, openai_api
 from polymodal.serve.errors import error_body
 from polymodal.serve.services import ServeConfig, Services
 
@@ -38,7 +38,7 @@ async def health(request: Request):
     s: Services = request.app.state.services
     doc = {"status": "ok", "version": __version__, "model": s.model_name if s.embedder is not None else None,
            "dim": s.embedder.dim if s.embedder is not None else None, "vlm": s.vlm_name,
-           "batching": s.stats()}
+           "asr": s.speech.name if s.speech is not None else None, "batching": s.stats()}
     if s.collection is not None:
         doc["collection"] = {"path": str(s.collection.path), "images": len(s.collection)}
     return doc
@@ -130,7 +130,7 @@ def create_app(services: Services, routers: Iterable[APIRouter] = ()) -> FastAPI
                   description="Embeddings, search, zero-shot classification, captions and chat about images.")
     app.state.services = services
     errors.install(app)
-    for router in (health_router, openai_api.router, api.router, web_router, *routers):
+    for router in (health_router, openai_api.router, audio_api.router, api.router, web_router, *routers):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Limits, cfg=services.cfg)

@@ -64,7 +64,7 @@ class Services:
     server's threads (it locks its index itself; SQLite is in serialized mode)."""
 
     def __init__(self, cfg: ServeConfig, *, embedder=None, collection=None, vlm=None,
-                 model_name: str = "polymodal-clip", vlm_name: str | None = None):
+                 model_name: str = "polymodal-clip", vlm_name: str | None = None, speech=None):
         if embedder is None and collection is not None:
             embedder = collection.embedder
         if vlm is not None:
@@ -75,6 +75,7 @@ class Services:
                                  "(Flamingo) is not served yet")
         self.cfg, self.embedder, self.collection, self.vlm = cfg, embedder, collection, vlm
         self.model_name, self.vlm_name = model_name, vlm_name
+        self.speech = speech  # serve/audio_api.py's Speech (an ASR behind its batcher), or None
         self.captions: OrderedDict[int, str] = OrderedDict()  # caption cache for collection items
         self.thumbnails: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (id, size) -> PNG
         self.embed_batcher = None
@@ -90,6 +91,8 @@ class Services:
         for b in (self.embed_batcher, self.vlm_batcher):
             if b is not None:
                 b.close()
+        if self.speech is not None:
+            self.speech.close()
 
     # --- CLIP: a request is a list of ("text", str) / ("image", bytes) ------------------------------
 
@@ -206,7 +209,8 @@ class Services:
 
     def stats(self) -> dict:
         doc = {}
-        for name, b in (("embedding", self.embed_batcher), ("vlm", self.vlm_batcher)):
+        speech = self.speech.batcher if self.speech is not None else None
+        for name, b in (("embedding", self.embed_batcher), ("vlm", self.vlm_batcher), ("transcription", speech)):
             if b is not None:
                 doc[name] = {**b.stats.as_dict(), "pending": b.pending, "capacity": b.capacity}
         return doc
