@@ -205,4 +205,149 @@ async function initImage() {
       answer.className = "assistant error";
     }
   });
+  chat.dataset.ready = "1";  // the speak button may send now
+}
+
+// --- speech: an audio file or the microphone -> /v1/audio/transcriptions ---------------------------
+
+async function transcribe(blob, filename) {
+  const form = new FormData();
+  form.append("file", blob, filename);
+  form.append("model", "whisper-1");
+  const response = await api("/v1/audio/transcriptions", { method: "POST", body: form });
+  let doc = null;
+  try { doc = await response.json(); } catch (e) { doc = null; }
+  if (!response.ok) {
+    throw new Error(doc && doc.error ? doc.error.message : response.status + " " + response.statusText);
+  }
+  return doc.text;
+}
+
+// 16-bit PCM mono WAV: what the server reads everywhere (Chromium's MediaRecorder gives only WebM,
+// which libsndfile does not read, so the microphone is captured as samples through Web Audio)
+function encodeWAV(chunks, rate) {
+  const n = chunks.reduce((sum, c) => sum + c.length, 0);
+  const view = new DataView(new ArrayBuffer(44 + 2 * n));
+  const text = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + 2 * n, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, 2 * n, true);
+  let at = 44;
+  for (const c of chunks) {
+    for (let i = 0; i < c.length; i++, at += 2) {
+      const v = Math.max(-1, Math.min(1, c[i]));
+      view.setInt16(at, v < 0 ? v * 0x8000 : v * 0x7fff, true);
+    }
+  }
+  return new Blob([view], { type: "audio/wav" });
+}
+
+class MicRecorder {
+  async start() {
+    this.stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    this.context = new AudioContext();
+    this.source = this.context.createMediaStreamSource(this.stream);
+    this.node = this.context.createScriptProcessor(4096, 1, 1);
+    this.chunks = [];
+    this.node.onaudioprocess = (e) => this.chunks.push(new Float32Array(e.inputBuffer.getChannelData(0)));
+    this.source.connect(this.node);
+    this.node.connect(this.context.destination);
+  }
+  async stop() {
+    this.source.disconnect();
+    this.node.disconnect();
+    for (const track of this.stream.getTracks()) track.stop();
+    const rate = this.context.sampleRate;
+    await this.context.close();
+    return encodeWAV(this.chunks, rate);
+  }
+}
+
+// a record button: first click starts, the second stops and hands the WAV to onAudio
+function recordButton(button, onAudio, onError) {
+  let recorder = null;
+  const label = button.textContent;
+  button.addEventListener("click", async (event) => {
+    event.preventDefault();
+    if (!recorder) {
+      recorder = new MicRecorder();
+      try {
+        await recorder.start();
+        button.textContent = "\u25a0 stop";
+        button.classList.add("recording");
+      } catch (e) {
+        recorder = null;
+        onError("microphone: " + e.message);
+      }
+      return;
+    }
+    const r = recorder;
+    recorder = null;
+    button.textContent = label;
+    button.classList.remove("recording");
+    onAudio(await r.stop(), "recording.wav");
+  });
+}
+
+async function speechAvailable() {
+  try { return Boolean((await apiJSON("/health")).asr); } catch (e) { return false; }
+}
+
+// the search page's speech box: upload or record, the transcript is shown and becomes the query
+async function initSpeech() {
+  const box = document.getElementById("speech");
+  if (!box || !(await speechAvailable())) return;
+  box.hidden = false;
+  const out = document.getElementById("transcript");
+  const run = async (blob, name) => {
+    out.textContent = "transcribing\u2026";
+    out.className = "";
+    try {
+      const text = await transcribe(blob, name);
+      out.textContent = text;
+      document.getElementById("query").value = text;
+    } catch (e) {
+      out.textContent = e.message;
+      out.className = "error";
+    }
+  };
+  document.getElementById("audio-upload").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) run(file, file.name);
+  });
+  recordButton(document.getElementById("record"), run, (m) => { out.textContent = m; out.className = "error"; });
+}
+
+// the image page's "speak" button (and audio file): the transcript is sent as the chat message
+async function initChatSpeech() {
+  const speak = document.getElementById("speak");
+  if (!speak || !(await speechAvailable())) return;
+  const file = document.getElementById("chat-audio");
+  speak.hidden = false;
+  file.hidden = false;
+  const send = async (blob, name) => {
+    const input = document.getElementById("question");
+    input.placeholder = "transcribing\u2026";
+    try {
+      const text = await transcribe(blob, name);
+      const form = document.getElementById("chat-form");
+      if (!form.dataset.ready) {  // no VLM (nobody to ask), or the page is still loading the image
+        setStatus("heard: \u201c" + text + "\u201d (the chat is not ready: is a VLM loaded?)", true);
+        return;
+      }
+      input.value = text;
+      form.requestSubmit();
+    } catch (e) {
+      setStatus(e.message, true);
+    } finally {
+      input.placeholder = "Ask something about the image";
+    }
+  };
+  recordButton(speak, send, (m) => setStatus(m, true));
+  file.addEventListener("change", (event) => {
+    const f = event.target.files[0];
+    if (f) send(f, f.name);
+    event.target.value = "";
+  });
 }
