@@ -29,8 +29,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from polymodal.index.ann import choose_kind
-from polymodal.index.collection import Collection
+from polymodal.index.ann import NPROBE, choose_kind
+from polymodal.index.collection import RESCORE, Collection
 from polymodal.index.store import Store
 
 
@@ -165,7 +165,7 @@ def main() -> None:
                                                                 for g, t in zip(got, truth, strict=True)])), 4)}
                 results.setdefault("sweep", []).append(sweep)
                 print(json.dumps(sweep), flush=True)
-            ann.nprobe, coll.rescore = 32, 100
+            ann.nprobe, coll.rescore = NPROBE, RESCORE
         coll._ann = None
     print("\n| kind | build (s) | index file (GB) | search p50 (ms) | p99 (ms) | recall@10 |")
     print("| --- | --- | --- | --- | --- | --- |")
