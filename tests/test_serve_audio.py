@@ -142,6 +142,7 @@ def test_concurrent_clips_share_a_batch_and_equal_one_at_a_time(setup):
     assert max(before, s.speech.batcher.stats.largest) >= 2  # at least two shared one forward pass
     health = requests.get(setup["url"] + "/health").json()
     assert health["asr"] == "whisper-tiny.en" and health["batching"]["transcription"]["capacity"] == 16
+    assert [m.id for m in setup["client"].models.list()] == ["whisper-tiny.en"]
 
 
 def test_over_capacity_is_503(setup):

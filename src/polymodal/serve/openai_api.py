@@ -40,6 +40,8 @@ def services(request: Request) -> Services:
 async def models(request: Request):
     s = services(request)
     names = [n for n, m in ((s.model_name, s.embedder), (s.vlm_name, s.vlm)) if m is not None]
+    if getattr(s, "speech", None) is not None:
+        names.append(s.speech.name)
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "polymodal"}
                                        for n in names]}
 
