@@ -17,6 +17,7 @@ from polymodal.config import CLIPConfig, ImageTransformConfig, TextConfig, Visio
 from polymodal.models.clip import CLIP
 from polymodal.nn.quant import is_quantized, quantize_int8
 from polymodal.processing.tokenizer import clip_tokenizer
+from polymodal.tasks.embed import _token_budget_ends
 
 TEXTS = ["a cat", "a photo of a small red bicycle leaning against a wall in the rain at night", "dog",
          "two people walking on a beach", "a bowl of soup", "an aerial view of a city with many tall buildings "
@@ -53,9 +54,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_length_sorted_text_batches_equal_one_at_a_time_in_input_order(model_dir):
-    embedder = polymodal.load(model_dir, device="cpu", batch_size=3)
+    embedder = polymodal.load(model_dir, device="cpu", batch_size=1)  # budget: 77 padded positions a batch
     lengths = [len(ids) for ids in embedder.tokenizer.encode_batch(TEXTS)]
     assert len(set(lengths)) > 4 and lengths != sorted(lengths)  # mixed lengths, not already sorted
+    ends = _token_budget_ends(sorted(lengths), 77)
+    assert 2 <= len(ends) < len(TEXTS) and ends[-1] == len(TEXTS)  # several batches, some of several texts
     batched = embedder.encode_text(TEXTS)
     alone = np.concatenate([embedder.encode_text([t]) for t in TEXTS])  # no padding at all
     np.testing.assert_allclose(batched, alone, atol=1e-6)
@@ -70,6 +73,12 @@ def test_length_sorted_text_batches_equal_one_at_a_time_in_input_order(model_dir
     # order restored: a permuted input gives the permuted rows
     perm = [5, 2, 7, 0, 3, 1, 6, 4]
     np.testing.assert_allclose(embedder.encode_text([TEXTS[i] for i in perm]), batched[perm], atol=1e-6)
+
+
+def test_token_budget_batches():
+    assert _token_budget_ends([], 10) == []
+    assert _token_budget_ends([3, 3, 3, 4, 5, 9, 20], 10) == [3, 5, 6, 7]  # 3x3, 2x5, 1x9, 1x20 (over, alone)
+    assert _token_budget_ends([2] * 6, 12) == [6]
 
 
 def test_int8_embeddings_stay_within_cosine_099_of_fp32(model_dir, images):

@@ -43,14 +43,29 @@ def check_text(text, i: int = 0) -> str:
     return text[:MAX_TEXT_CHARS]
 
 
-def _batches(n: int, size: int, progress: bool, what: str) -> Iterable[range]:
-    starts = range(0, n, size)
+def _batches(n: int, size: int, progress: bool, what: str, ends: list[int] | None = None) -> Iterable[range]:
+    """Ranges of `size` items, or ending at `ends` (exclusive, ascending, the last = n) when given."""
+    if ends is None:
+        ends = [min(s + size, n) for s in range(0, n, size)]
+    starts = list(zip([0, *ends[:-1]], ends, strict=True))
     if progress and len(starts) > 1:
         from rich.progress import track
 
         starts = track(starts, description=f"embedding {n} {what}", transient=True)
-    for s in starts:
-        yield range(s, min(s + size, n))
+    for s, e in starts:
+        yield range(s, e)
+
+
+def _token_budget_ends(lengths: list[int], budget: int) -> list[int]:
+    """Batch ends over texts sorted by ascending length: each batch holds as many texts as fit in
+    `budget` padded positions (count x its longest), at least one. Short captions then run in
+    large batches (fewer, larger matmuls), long ones in small, never more positions than budget."""
+    ends, start = [], 0
+    for i, length in enumerate(lengths):
+        if i > start and (i - start + 1) * length > budget:
+            ends.append(i)
+            start = i
+    return [*ends, len(lengths)] if lengths else []
 
 
 class Embedder:
@@ -138,12 +153,15 @@ class Embedder:
 
     @torch.inference_mode()
     def encode_text(self, texts: str | Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """(M, D). Texts are batched by token length, so short captions never pad to 77."""
+        """(M, D). Texts are batched by token length, so short captions never pad to 77: sorted,
+        then cut into batches of at most batch_size x context_length padded positions (a batch of
+        batch_size full-length texts), results put back in input order."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids = self.tokenizer.encode_batch([check_text(t, i) for i, t in enumerate(texts)])
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), self.dim), np.float32)
-        for batch in _batches(len(order), self.batch_size, progress, "texts"):
+        ends = _token_budget_ends([len(ids[i]) for i in order], self.batch_size * self.tokenizer.context_length)
+        for batch in _batches(len(order), self.batch_size, progress, "texts", ends):
             rows = [ids[order[j]] for j in batch]
             L = max(map(len, rows))
             tokens = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
