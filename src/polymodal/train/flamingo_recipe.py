@@ -65,6 +65,7 @@ def run_recipe(out, *, lm_path, vision_path=None, scenes, clips=None, emoji=None
     if image_id is None:
         raise ValueError(f"the LM's tokenizer has no token {image_token!r} to mark images with")
     clip = polymodal.load(vision_path).model
+    torch.manual_seed(train.seed)  # the new parts' initial weights
     model = build_flamingo(lm, clip.visual, image_token_id=image_id, image_transform=clip.cfg.image_transform,
                            cross_every=cross_every, cross_start=cross_start, perceiver=perceiver)
     del lm, clip
