@@ -40,7 +40,7 @@ def main() -> None:
     from polymodal.checkpoints.state import load_exact
     from polymodal.models.clip import CLIP
     from polymodal.processing.tokenizer import clip_tokenizer
-    from polymodal.tasks.embed import Embedder
+    from polymodal.tasks.embed import Embedder, _token_budget_ends
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--captions", type=int, default=10_000)
@@ -79,10 +79,12 @@ def main() -> None:
     padded = sum(max(len(r) for r in ids[s:s + args.batch]) * len(ids[s:s + args.batch])
                  for s in range(0, len(ids), args.batch))
     srt = sorted(lengths)
-    packed = sum(max(srt[s:s + args.batch]) * len(srt[s:s + args.batch]) for s in range(0, len(srt), args.batch))
+    ends = _token_budget_ends(srt, args.batch * tok.context_length)  # encode_text's batches
+    packed = sum(srt[e - 1] * (e - s) for s, e in zip([0, *ends[:-1]], ends, strict=True))
     print(f"{len(captions)} captions, tokens per caption: median {int(np.median(lengths))}, "
           f"mean {lengths.mean():.1f}, min {lengths.min()}, max {lengths.max()}; batch {args.batch}; "
-          f"positions run: sorted {packed:,} vs input order {padded:,} (real {lengths.sum():,}); "
+          f"padded positions run: polymodal {packed:,} in {len(ends)} batches, input order {padded:,} "
+          f"(real {lengths.sum():,}); "
           f"fp32, {torch.get_num_threads()} threads")
     a, b = mine(), theirs()  # also the warm-up
     diff = float(np.abs(a - b).max())
