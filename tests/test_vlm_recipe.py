@@ -153,6 +153,7 @@ def test_train_vlm_end_to_end(parts, tmp_path):
     out = train_vlm(recipe(parts), parts / "colours", tmp_path / "vlm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"stage": "features", "images": 16, "unreadable": 0, "seconds": rows[0]["seconds"]}
+    assert (out / "features.safetensors").is_file()
     for stage in ("stage1", "stage2"):
         losses = [r["loss"] for r in rows if r["stage"] == stage]
         assert len(losses) == (40 if stage == "stage1" else 150) and sum(losses[-5:]) < 0.9 * sum(losses[:5]), (stage, losses[:5], losses[-5:])
@@ -209,3 +210,17 @@ def test_cli_train_vlm(parts, tmp_path):
     assert json.loads((out / "recipe.json").read_text())["stage2"]["steps"] == 4
     missing = CliRunner().invoke(app, ["train", "vlm", "--data", str(tmp_path), "--out", str(out)])
     assert missing.exit_code == 2 and "captions.jsonl" in missing.output
+
+
+def test_features_are_computed_once(parts, tmp_path, monkeypatch):
+    import polymodal.train.vlm as vlm_mod
+
+    stage1, *_ = vlm_mod.build_models(recipe(parts))
+    paths = [ex["image"] for ex in load_examples(parts / "colours")]
+    first, bad = vlm_mod.cached_features(tmp_path / "f.safetensors", stage1, "clip", paths)
+    monkeypatch.setattr(vlm_mod, "vision_features", lambda *a, **k: pytest.fail("recomputed"))
+    again, bad_again = vlm_mod.cached_features(tmp_path / "f.safetensors", stage1, "clip", paths)
+    assert torch.equal(first, again) and bad == bad_again == []
+    monkeypatch.undo()
+    other, _ = vlm_mod.cached_features(tmp_path / "f.safetensors", stage1, "clip", paths[:-1])  # other images
+    assert other.shape[0] == len(paths) - 1

@@ -147,6 +147,30 @@ def vision_features(visual, paths: list[str], transform, *, batch_size: int = 12
     return out, bad
 
 
+def cached_features(path: Path, model, vision_ref: str, paths: list[str],
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, list[int]]:
+    """`vision_features`, kept in `path` (safetensors) for a rerun on the same images and tower: a
+    run that dies in training starts again without recomputing them."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = hashlib.sha256(json.dumps([vision_ref, model.visual.cfg.to_dict(), paths]).encode()).hexdigest()
+    weights = model.visual.state_dict()
+    key = hashlib.sha256((key + str(float(sum(v.double().sum() for v in weights.values())))).encode()).hexdigest()
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") == key:
+                return f.get_tensor("features"), json.loads(meta["bad"])
+    features, bad = vision_features(model.visual, paths, model.cfg.image_transform, on_progress=on_progress)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key, "bad": json.dumps(bad)})
+    tmp.replace(path)
+    return features, bad
+
+
 def _pick(examples: list[dict], weights: dict[str, float], rng: random.Random) -> Iterator[int]:
     """Example indices forever: a data set drawn by `weights`, then one of its examples."""
     groups: dict[str, list[int]] = {}
@@ -307,8 +331,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     if not examples:
         raise ValueError(f"{data}: no training examples (captions.jsonl rows with split 'train')")
     t0 = time.time()
-    features, bad = vision_features(stage1.visual, [ex["image"] for ex in examples], stage1.cfg.image_transform,
-                                    on_progress=on_features)
+    features, bad = cached_features(out / "features.safetensors", stage1, recipe.vision,
+                                    [ex["image"] for ex in examples], on_features)
     keep = [i for i in range(len(examples)) if i not in set(bad)]
     examples, features = [examples[i] for i in keep], features[keep]
     _log(metrics, {"stage": "features", "images": len(examples), "unreadable": len(bad),
