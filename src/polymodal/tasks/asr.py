@@ -46,6 +46,7 @@ from polymodal.processing.audio import (
     log_mel,
     stream_audio,
 )
+from polymodal.tasks.folder import pending_files
 
 SECONDS_PER_TIMESTAMP = 0.02
 SILENCE_DBFS = -60.0
@@ -292,18 +293,8 @@ class ASR:
         (resumable); a file that cannot be read, or is silent, is skipped, reported to
         on_error(path, message) and counted. Clips of at most 30 s go through the model in batches."""
         audio_ctx = self.audio_ctx if audio_ctx is None else audio_ctx
-        folder, out = Path(folder), Path(out_jsonl)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such directory")
-        paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-        done = set()
-        if out.is_file():
-            for line in out.read_text(encoding="utf-8").splitlines():
-                try:
-                    done.add(json.loads(line)["path"])
-                except (ValueError, KeyError, TypeError):  # a line cut short by a crash: redo that file
-                    continue
-        todo = [p for p in paths if str(p) not in done]
+        out = Path(out_jsonl)
+        paths, todo = pending_files(folder, out, AUDIO_SUFFIXES)
         skipped: list[dict] = []
         written, seconds = 0, 0.0
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from torch import Tensor
 from polymodal.generation import GenerationConfig, generate
 from polymodal.processing.chat import apply_chat_template, template_tokens
 from polymodal.processing.image import ImageError, load_image, preprocess
+from polymodal.tasks.folder import pending_files
 
 IMAGE_PLACEHOLDER = "<|polymodal:image|>"  # where the visual prompt goes in a rendered template
 # What `caption` asks a model whose LLM has a chat template (the default VLM is trained on it);
@@ -107,18 +108,8 @@ class VLM:
         """Caption every image under `folder` (sorted), appending {"path", "caption"} per line to
         `out_jsonl`, flushed as it goes. A rerun skips the paths already there (resumable); an image
         that cannot be read is skipped, reported to on_error(path, message) and counted."""
-        folder, out = Path(folder), Path(out_jsonl)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such directory")
-        paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        done = set()
-        if out.is_file():
-            for line in out.read_text(encoding="utf-8").splitlines():
-                try:
-                    done.add(json.loads(line)["path"])
-                except (ValueError, KeyError, TypeError):  # a line cut short by a crash: redo that image
-                    continue
-        todo = [p for p in paths if str(p) not in done]
+        out = Path(out_jsonl)
+        paths, todo = pending_files(folder, out, IMAGE_SUFFIXES)
         skipped: list[dict] = []
         captioned = 0
         out.parent.mkdir(parents=True, exist_ok=True)
