@@ -26,44 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import _Config
+from polymodal.config import WhisperConfig
+from polymodal.models.lm import IGNORE_INDEX
 from polymodal.nn import Block, KVCache
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class WhisperConfig(_Config):
-    """A Whisper model; the defaults are tiny.en (39 M parameters) and its special tokens."""
-
-    n_mels: int = 80
-    vocab_size: int = 51864
-    width: int = 384
-    encoder_layers: int = 4
-    decoder_layers: int = 4
-    encoder_heads: int = 6
-    decoder_heads: int = 6
-    encoder_mlp_dim: int = 1536
-    decoder_mlp_dim: int = 1536
-    max_source_positions: int = 1500  # encoder positions: 30 s at 20 ms each
-    max_target_positions: int = 448
-    norm_eps: float = 1e-5
-    eos_token_id: int = 50256  # <|endoftext|>
-    no_timestamps_token_id: int = 50362  # <|notimestamps|>; the timestamps <|0.00|> ... follow it
-    prefix_ids: tuple[int, ...] = (50257,)  # <|startoftranscript|> (+ <|lang|> <|task|> if multilingual)
-    suppress_tokens: tuple[int, ...] = ()  # never generated
-    begin_suppress_tokens: tuple[int, ...] = (220, 50256)  # not as the first token (" ", end)
-    max_initial_timestamp_index: int | None = 50  # the first timestamp is at most <|1.00|>
-    model_type: str = "whisper"
-
-    @property
-    def timestamp_begin(self) -> int:
-        return self.no_timestamps_token_id + 1
-
-    @property
-    def n_frames(self) -> int:
-        """Mel frames of one full window (3,000 for 30 s)."""
-        return 2 * self.max_source_positions
 
 
 @dataclass
