@@ -29,8 +29,10 @@ from polymodal.train.vlm import (
     ChatFormat,
     StageConfig,
     VLMRecipe,
+    _whole_sentences,
     answer_pairs,
     chat_loss,
+    followup_chats,
     load_examples,
     stage2_batches,
     train_vlm,
@@ -149,6 +151,50 @@ def test_training_rows_are_what_the_chat_session_feeds_the_llm(parts):
         assert tok.decode(ids[start:], skip_special_tokens=True) == answer and ids[-1] == IM_END
 
 
+def test_two_turn_rows_are_what_the_chat_session_feeds_the_llm_at_the_second_turn(parts):
+    model, tok = tiny_blip2(parts)
+    session = VLM(model, tok, CHATML).chat(parts / "scenes" / "images" / "00000.png")
+    fmt = ChatFormat(tok, CHATML, IM_END)
+    pairs = [("What is this?", "a red circle"), ("What colour is it?", "red")]
+    ids, spans = fmt.turns(pairs)
+    assert len(spans) == 2 and ids[-1] == IM_END and spans[1][1] == len(ids)
+    first, _ = session._prompt_ids(pairs[0][0], [])
+    assert ids[:spans[0][0]] == session._prompt_ids(pairs[0][0], [])[1] and first == fmt.before
+    history = [{"role": "user", "content": pairs[0][0]}, {"role": "assistant", "content": pairs[0][1]}]
+    assert ids[:spans[1][0]] == session._prompt_ids(pairs[1][0], history)[1]
+    for (start, end), (_, answer) in zip(spans, pairs, strict=True):
+        assert tok.decode(ids[start:end], skip_special_tokens=True) == answer and ids[end - 1] == IM_END
+    batch = next(stage2_batches(load_examples(parts / "colours"), torch.zeros(16, 5, 8), fmt, batch_size=4,
+                                weights={}, chats=[{"example": 0, "turns": [list(t) for t in pairs]}], chat_weight=1.0))
+    row = batch["input_ids"][0, :len(ids)].tolist()
+    assert row == ids and (batch["targets"][0] != -100).sum() == sum(e - s for s, e in spans)
+
+
+def test_followup_chats_are_the_llms_own_answers_and_are_kept(parts, tmp_path, monkeypatch):
+    from polymodal.checkpoints.gguf import load_lm
+
+    lm, tok, _ = load_lm(parts / "lm")
+    examples = load_examples(parts / "colours")
+    chats = followup_chats(examples, lm, tok, CHATML, count=5, seed=0, max_new_tokens=6, batch_size=2,
+                           cache=tmp_path / "chats.jsonl")
+    assert 0 < len(chats) <= 5 and len((tmp_path / "chats.jsonl").read_text().splitlines()) == 5
+    model, _ = tiny_blip2(parts)
+    vlm = VLM(model, tok, CHATML)  # the same LLM, asked with the picture given in words, one at a time
+    for chat in chats:
+        (q0, name), (q1, answer) = chat["turns"]
+        assert q0 == "What is this?" and name == examples[chat["example"]]["name"]
+        session = vlm.chat()
+        session.messages = [{"role": "user", "content": f"I am showing you a picture of {name}. What is this?"},
+                            {"role": "assistant", "content": name}]
+        assert answer == _whole_sentences(session.send(q1, max_new_tokens=6))
+    import polymodal.generation
+
+    monkeypatch.setattr(polymodal.generation, "generate", lambda *a, **k: pytest.fail("generated again"))
+    again = followup_chats(examples, lm, tok, CHATML, count=5, seed=0, cache=tmp_path / "chats.jsonl")
+    assert again == chats
+    assert _whole_sentences("Cats purr. They also") == "Cats purr." and _whole_sentences("no end") == "no end"
+
+
 def test_train_vlm_end_to_end(parts, tmp_path):
     out = train_vlm(recipe(parts), parts / "colours", tmp_path / "vlm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -193,7 +239,7 @@ def test_train_vlm_end_to_end(parts, tmp_path):
         clip_file.write_bytes(original)
 
 
-def test_cli_train_vlm(parts, tmp_path):
+def test_cli_train_vlm(parts, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from polymodal.cli import app
@@ -208,6 +254,20 @@ def test_cli_train_vlm(parts, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["out"] == str(out) and doc["stage"] == "stage2" and doc["step"] == 4
     assert json.loads((out / "recipe.json").read_text())["stage2"]["steps"] == 4
+    assert (out / "stage1.safetensors").is_file()
+
+    # a rerun (after a kill in stage 2, say) reuses stage 1 and adds the self-distilled chats
+    import polymodal.train.vlm as vlm_mod
+
+    monkeypatch.setattr(vlm_mod, "stage1_batches", lambda *a, **k: pytest.fail("stage 1 trained again"))
+    r["chats"], r["chat_weight"] = 3, 0.5
+    (tmp_path / "recipe.json").write_text(json.dumps(r))
+    again = CliRunner().invoke(app, ["train", "vlm", "--data", str(parts / "colours"), "--out", str(out),
+                                     "--config", str(tmp_path / "recipe.json"), "--json"])
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("reused") for row in rows) and any(row["stage"] == "chats" for row in rows)
+    assert len((out / "chats.jsonl").read_text().splitlines()) == 3
     missing = CliRunner().invoke(app, ["train", "vlm", "--data", str(tmp_path), "--out", str(out)])
     assert missing.exit_code == 2 and "captions.jsonl" in missing.output
 

@@ -46,8 +46,12 @@ def train_vlm_cmd(
         if show:
             typer.echo(f"ViT features: {done}/{total} images", err=True)
 
+    def on_chats(done: int, total: int) -> None:
+        if show:
+            typer.echo(f"follow-up chats from the LLM: {done}/{total}", err=True)
+
     show = _progress()
-    path = train_vlm(recipe, data, out, on_step=on_step, on_features=on_features)
+    path = train_vlm(recipe, data, out, on_step=on_step, on_features=on_features, on_chats=on_chats)
     if json_:
         return _emit({"out": str(path), **last})
     typer.echo(f"trained {last.get('stage')} to step {last.get('step')}, loss {last.get('loss', float('nan')):.4f} -> {path}")

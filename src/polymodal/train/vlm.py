@@ -66,6 +66,8 @@ class VLMRecipe:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=2e-4))
     weights: dict = field(default_factory=lambda: {"scenes": 0.5, "emoji": 0.3, "clipart": 0.2})
     max_text: int = 32  # tokens of a stage-1 caption
+    chats: int = 0  # two-turn chats self-distilled from the LLM (followup_chats) for stage 2
+    chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
     seed: int = 0
 
     @classmethod
@@ -221,29 +223,127 @@ class ChatFormat:
 
     def row(self, question: str, answer: str) -> tuple[list[int], int]:
         """The ids after the visual prompt (question turn, answer, end of turn) and where the answer starts."""
-        before, after = self._split(question)
-        if before != self.before:
-            raise ValueError("the chat template renders a different prefix for another question")
-        answer_ids = self.tokenizer.backend.encode(answer, add_special_tokens=False).ids + [self.eos_id]
-        return after + answer_ids, len(after)
+        ids, spans = self.turns([(question, answer)])
+        return ids, spans[0][0]
+
+    def turns(self, pairs: list[tuple[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """A conversation of (question, answer) turns about the image, as `ChatSession` renders its
+        history: the ids after the visual prompt, and the (start, end) span of every answer with its
+        end-of-turn token (what the loss reads)."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        messages: list[dict[str, str]] = []
+        encode = self.tokenizer.backend.encode
+        for question, answer in pairs:
+            content = (IMAGE_PLACEHOLDER if not messages else "") + question
+            messages.append({"role": "user", "content": content})
+            text = apply_chat_template(self.template, messages, add_generation_prompt=True,
+                                       **template_tokens(self.tokenizer))
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+            prompt = encode(after, add_special_tokens=False).ids
+            if encode(before, add_special_tokens=False).ids != self.before or prompt[:len(ids)] != ids:
+                raise ValueError("the chat template renders an earlier turn differently in a later one")
+            answer_ids = encode(answer, add_special_tokens=False).ids + [self.eos_id]
+            spans.append((len(prompt), len(prompt) + len(answer_ids)))
+            ids = prompt + answer_ids
+            messages.append({"role": "assistant", "content": answer})
+        return ids, spans
+
+
+# Follow-up questions whose answers need the LLM's own knowledge of the thing in the image.
+FOLLOWUPS = ("What is it usually used for?", "Tell me one interesting fact about it.",
+             "Where would you usually see one?", "What colour is it usually?", "Describe it in one sentence.")
+
+
+def _whole_sentences(text: str) -> str:
+    """`text` cut after its last full sentence (a teacher answer stopped by max_new_tokens)."""
+    text = text.strip()
+    end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    if text.endswith((".", "!", "?")) or end < 0:
+        return text
+    return text[:end + 1]
+
+
+@torch.no_grad()
+def followup_chats(examples: list[dict], lm, tokenizer, template: str, *, count: int, seed: int,
+                   max_new_tokens: int = 32, batch_size: int = 8, cache: Path | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Two-turn chats about named examples, self-distilled from the frozen LLM: "What is this?" ->
+    the name, then a follow-up from FOLLOWUPS -> the LLM's own answer when the picture is given to it
+    in words. Training on them keeps the visual prompt from drowning out the LLM's knowledge in later
+    turns. Returns [{"example": index, "turns": [[q, a], [q, a]]}], kept in `cache` (JSON lines) so a
+    rerun does not generate them again."""
+    from polymodal.generation import generate
+
+    rng = random.Random(seed)
+    named = [i for i, ex in enumerate(examples) if ex.get("name")]
+    picked = rng.sample(named, min(count, len(named)))
+    asks = [(i, rng.choice(FOLLOWUPS)) for i in picked]
+    done: dict[tuple[str, str], dict] = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[(row["image"], row["turns"][1][0])] = row
+    todo = [(i, q) for i, q in asks if (examples[i]["image"], q) not in done]
+    encode = tokenizer.backend.encode
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        prompts = []
+        for i, q in chunk:
+            name = examples[i]["name"]
+            messages = [{"role": "user", "content": f"I am showing you a picture of {name}. What is this?"},
+                        {"role": "assistant", "content": name}, {"role": "user", "content": q}]
+            text = apply_chat_template(template, messages, add_generation_prompt=True, **template_tokens(tokenizer))
+            prompts.append(encode(text, add_special_tokens=False).ids)
+        width = max(len(p) for p in prompts)  # left padding
+        ids = torch.full((len(prompts), width), tokenizer.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        out = generate(lm, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                       eos_token_id=tuple(lm.cfg.eos_ids))
+        rows = []
+        for r, (i, q) in enumerate(chunk):
+            answer = _whole_sentences(tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(),
+                                                       skip_special_tokens=True))
+            row = {"image": examples[i]["image"], "turns": [["What is this?", examples[i]["name"]], [q, answer]]}
+            done[(row["image"], q)] = row
+            rows.append(row)
+        if cache is not None:
+            with open(cache, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(todo)), len(todo))
+    return [{"example": i, "turns": done[(examples[i]["image"], q)]["turns"]} for i, q in asks
+            if done[(examples[i]["image"], q)]["turns"][1][1]]
 
 
 def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, batch_size: int,
-                   weights: dict[str, float], seed: int = 0) -> Iterator[dict[str, Tensor]]:
+                   weights: dict[str, float], seed: int = 0, chats: list[dict] | None = None,
+                   chat_weight: float = 0.0) -> Iterator[dict[str, Tensor]]:
     """Stage-2 batches: `features`, `input_ids` (B, T) after the visual prompt (right-padded) and
-    `targets` (B, T): the answer and its end-of-turn token, -100 elsewhere."""
+    `targets` (B, T): the answers and their end-of-turn tokens, -100 elsewhere. A row is one of an
+    example's answer_pairs; with probability chat_weight a batch is instead batch_size // 2 of the
+    two-turn `chats` (about twice as long: a batch of one kind pads less)."""
     rng = random.Random(seed)
     picks = _pick(examples, weights, rng)
     pad = fmt.tokenizer.pad_id
     while True:
-        chosen = [next(picks) for _ in range(batch_size)]
-        rows = [fmt.row(*rng.choice(answer_pairs(examples[i]))) for i in chosen]
+        if chats and rng.random() < chat_weight:
+            picked = [rng.choice(chats) for _ in range(max(1, batch_size // 2))]
+            chosen = [chat["example"] for chat in picked]
+            rows = [fmt.turns([tuple(t) for t in chat["turns"]]) for chat in picked]
+        else:
+            chosen = [next(picks) for _ in range(batch_size)]
+            rows = [fmt.turns([rng.choice(answer_pairs(examples[i]))]) for i in chosen]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         targets = torch.full_like(input_ids, IGNORE_INDEX)
-        for r, (ids, start) in enumerate(rows):
+        for r, (ids, spans) in enumerate(rows):
             input_ids[r, :len(ids)] = torch.tensor(ids)
-            targets[r, start:len(ids)] = torch.tensor(ids[start:])
+            for start, end in spans:
+                targets[r, start:end] = torch.tensor(ids[start:end])
         yield {"features": features[chosen], "input_ids": input_ids, "targets": targets}
 
 
@@ -305,6 +405,13 @@ def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
     stage2.qformer.load_state_dict({k: source[k] for k in target})
 
 
+def _train_config(stage: StageConfig):
+    from polymodal.train.blip2 import Blip2TrainConfig
+
+    return Blip2TrainConfig(steps=stage.steps, lr=stage.lr, warmup=stage.warmup, min_lr=stage.min_lr,
+                            weight_decay=stage.weight_decay)
+
+
 def _log(path: Path | None, row: dict) -> None:
     if path is not None:
         with open(path, "a", encoding="utf-8") as f:
@@ -313,18 +420,22 @@ def _log(path: Path | None, row: dict) -> None:
 
 def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
               on_step: Callable[[str, int, dict], None] | None = None,
-              on_features: Callable[[int, int], None] | None = None) -> Path:
+              on_features: Callable[[int, int], None] | None = None,
+              on_chats: Callable[[int, int], None] | None = None) -> Path:
     """Both stages, then save the model to `out` (our format, the frozen parts referenced) with
     `metrics.jsonl` (one line per step and stage) and `recipe.json`. on_features(done, total) follows
-    the ViT features' computation, on_step(stage, step, metrics) the training."""
+    the ViT features' computation, on_chats(done, total) the follow-up chats' generation,
+    on_step(stage, step, metrics) the training. What is slow to redo is kept in `out` (the features,
+    the chats, stage 1's weights), so a rerun after a kill picks up from there."""
     from polymodal.checkpoints.vlm_io import save_vlm
-    from polymodal.train.blip2 import Blip2TrainConfig, train_blip2
+    from polymodal.train.blip2 import train_blip2
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     metrics = out / "metrics.jsonl"
-    metrics.write_text("")
+    if not (out / "stage1.safetensors").is_file():
+        metrics.write_text("")
     torch.manual_seed(recipe.seed)
     stage1, stage2, lm_tokenizer, template, qtok = build_models(recipe)
     examples = load_examples(data, "train")
@@ -345,29 +456,39 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
                 on_step(stage, step, row)
         return log
 
-    for stage, model, cfg, batches in (
-        ("stage1", stage1, recipe.stage1,
-         lambda c: stage1_batches(examples, features, qtok, batch_size=c.batch_size, max_text=recipe.max_text,
-                                  weights=recipe.weights, seed=recipe.seed)),
-        ("stage2", stage2, recipe.stage2, None),
-    ):
-        train_cfg = Blip2TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, min_lr=cfg.min_lr,
-                                     weight_decay=cfg.weight_decay)
-        if stage == "stage2":
-            transfer_qformer(stage1, stage2)
-            eos = stage2.cfg.lm.eos_ids[0]
-            fmt = ChatFormat(lm_tokenizer, template, eos)
-            stream = stage2_batches(examples, features, fmt, batch_size=cfg.batch_size, weights=recipe.weights,
-                                    seed=recipe.seed + 1)
-            terms = lambda m, b, prefix=fmt.before: {  # noqa: E731
-                "lm_loss": chat_loss(m, prefix, b["features"], b["input_ids"], b["targets"])}
-            train_blip2(model, stream, train_cfg, on_step=logger(stage), terms=terms)
-        else:
-            train_blip2(model, batches(cfg), train_cfg, on_step=logger(stage))
+    stage1_file = out / "stage1.safetensors"
+    if stage1_file.is_file():  # a rerun after stage 1 finished starts at stage 2
+        from safetensors.torch import load_file
+
+        stage1.load_state_dict(load_file(str(stage1_file)))
+        _log(metrics, {"stage": "stage1", "reused": str(stage1_file)})
+    else:
+        from safetensors.torch import save_file
+
+        train_cfg = _train_config(recipe.stage1)
+        batches = stage1_batches(examples, features, qtok, batch_size=recipe.stage1.batch_size,
+                                 max_text=recipe.max_text, weights=recipe.weights, seed=recipe.seed)
+        train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"))
+        save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(stage1_file.with_suffix(".tmp")))
+        stage1_file.with_suffix(".tmp").replace(stage1_file)
+
+    transfer_qformer(stage1, stage2)
+    fmt = ChatFormat(lm_tokenizer, template, stage2.cfg.lm.eos_ids[0])
+    chats = []
+    if recipe.chats and recipe.chat_weight > 0:
+        t0 = time.time()
+        chats = followup_chats(examples, stage2.lm, lm_tokenizer, template, count=recipe.chats, seed=recipe.seed,
+                               cache=out / "chats.jsonl", on_progress=on_chats)
+        _log(metrics, {"stage": "chats", "chats": len(chats), "seconds": round(time.time() - t0, 1)})
+    stream = stage2_batches(examples, features, fmt, batch_size=recipe.stage2.batch_size, weights=recipe.weights,
+                            seed=recipe.seed + 1, chats=chats, chat_weight=recipe.chat_weight)
+    terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"])}  # noqa: E731
+    train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms)
     stage2.eval()
     save_vlm(stage2, out, lm_tokenizer, template)
     return out
 
 
 __all__ = ["VLMRecipe", "StageConfig", "train_vlm", "chat_loss", "ChatFormat", "load_examples", "answer_pairs",
+           "followup_chats", "FOLLOWUPS",
            "stage1_batches", "stage2_batches", "vision_features", "build_models", "transfer_qformer"]
