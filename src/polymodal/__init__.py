@@ -49,6 +49,14 @@ def load_asr(path=None, **kwargs):
     return ASR.from_pretrained(path, **kwargs)
 
 
+def load_speech_chat(path):
+    """A speech bridge (`polymodal train speech` writes one) -> a `SpeechChat` (see tasks/speech_chat.py):
+    ask(audio, question=None), transcribe(audio), chat() with spoken turns."""
+    from polymodal.tasks.speech_chat import SpeechChat
+
+    return SpeechChat.from_pretrained(path)
+
+
 def load_tokenizer(path):
     """The tokenizer of a checkpoint directory (own, transformers or OpenCLIP layout)."""
     from polymodal.checkpoints.pretrained import load_clip_tokenizer
@@ -62,4 +70,4 @@ def list_models() -> list[str]:
     return _list()
 
 
-__all__ = ["__version__", "list_models", "load", "load_asr", "load_tokenizer", "load_vlm"]
+__all__ = ["__version__", "list_models", "load", "load_asr", "load_speech_chat", "load_tokenizer", "load_vlm"]

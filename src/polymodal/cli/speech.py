@@ -1,0 +1,83 @@
+"""`polymodal ask --audio` and `polymodal chat --audio`: the speech bridge behind the VLM commands
+(cli/vlm.py hands them over here when --audio or --speech-model is given)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from polymodal.cli import USER_ERRORS, _emit, say
+
+AUDIO_OPT = typer.Option(None, "--audio", "-a", help="A clip of speech: the question itself, or what a question "
+                         "is about (needs --speech-model).")
+SPEECH_MODEL_OPT = typer.Option(None, "--speech-model", help="A speech bridge directory (`polymodal train speech` "
+                                "writes one) that reads --audio into the LLM.")
+
+
+def _load(speech_model: Path | None, audio: Path | None):
+    if speech_model is None:
+        raise ValueError("--audio needs --speech-model DIR (a speech bridge: `polymodal train speech --out DIR`)")
+    import polymodal
+
+    return polymodal.load_speech_chat(speech_model)
+
+
+def ask_audio(audio: Path | None, speech_model: Path | None, args: list[str], *, max_new_tokens: int,
+              num_beams: int, json_: bool) -> None:
+    if audio is None:
+        raise ValueError("--speech-model answers about a clip: give --audio CLIP")
+    if len(args) > 1:
+        raise ValueError(f"with --audio give at most one QUESTION, got {len(args)} arguments (quote the question)")
+    question = args[0].strip() if args else None
+    if args and not question:
+        raise ValueError("the question is empty: give some text, or none to answer what was said")
+    chat = _load(speech_model, audio)
+    answer = chat.ask(audio, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if json_:
+        return _emit({"audio": str(audio), "question": question, "answer": answer})
+    typer.echo(answer)
+    return None
+
+
+def chat_audio(audio: Path | None, speech_model: Path | None, *, max_new_tokens: int, speak: bool) -> None:
+    """The terminal chat with spoken turns: --audio is answered first; then a line is a typed turn and
+    /audio PATH a spoken one."""
+    from polymodal.cli.audio import speak_aloud
+
+    chat = _load(speech_model, audio)
+    session = chat.chat(on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
+    say("chat: /audio PATH, /reset, /save PATH, /quit" + (f" (audio: {audio})" if audio else ""))
+
+    def answer(**turn) -> None:
+        nonlocal speak
+        text = session.send(stream=lambda piece: typer.echo(piece, nl=False), **turn)
+        typer.echo("")
+        if speak and (problem := speak_aloud(text)):
+            say(f"note: {problem}")
+            speak = False
+
+    if audio is not None:
+        answer(audio=audio)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        word, _, arg = line.partition(" ")
+        try:
+            if word == "/quit":
+                break
+            if word == "/reset":
+                session.reset()
+                say("(conversation reset)")
+            elif word == "/audio":
+                answer(audio=Path(arg.strip()))
+            elif word == "/save":
+                say(f"(saved {session.save(Path(arg.strip() or 'chat.json'))})")
+            elif word.startswith("/"):
+                say(f"error: unknown command {word}; known: /audio PATH, /reset, /save PATH, /quit")
+            else:
+                answer(text=line)
+        except USER_ERRORS as e:  # a bad clip or line: say so and keep chatting
+            say(f"error: {e}")
