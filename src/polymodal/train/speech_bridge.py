@@ -14,6 +14,8 @@ chat template exactly as `SpeechChatSession` prompts it (the soft prompt opens t
     spoken      [speech]                              -> the LLM's own answer to the typed sentence
     transcribe  [speech] "What did they say?" (etc.)  -> the sentence itself
     about       [speech] "What did they ask for?" ... -> the LLM's answer given the sentence in quotes
+    followup    [speech] -> its spoken answer, then a typed follow-up ("Why?") -> the LLM's answer to
+                the typed conversation (so a spoken first turn leaves the LLM able to chat on)
 
 The loss is train/vlm.py's `chat_loss` (the frozen template prefix cached without gradients, only
 the answers through the head). What is slow to redo is kept in `out`: the clips (clips/), the
@@ -45,6 +47,8 @@ ABOUT_PROMPTS = ("What did they ask for?", "What is the speaker asking?", "Summa
                  "Is this a question or a request?", "What is the main word in what they said?",
                  "Answer what they said, in one sentence.")
 ABOUT_TEACHER = 'Someone said: "{sentence}"\n\n{question}'  # how the teacher is given the sentence in words
+FOLLOWUP_PROMPTS = ("Why?", "Can you say more?", "Give me a shorter answer.", "Thank you! Anything else?",
+                    "Can you explain that more simply?", "Are you sure?")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class SpeechRecipe:
     texts: tuple[str, ...] = ()  # the sentences themselves instead (all trained on)
     held_out: float = 0.1
     voices: int = 2  # clips per training sentence, each a random voice, speed and pitch
-    kinds: dict = field(default_factory=lambda: {"spoken": 0.5, "transcribe": 0.3, "about": 0.2})
+    kinds: dict = field(default_factory=lambda: {"spoken": 0.4, "transcribe": 0.3, "about": 0.2, "followup": 0.1})
     max_answer_tokens: int = 48  # the teacher's answers are cut after their last full sentence within this
     train: StageConfig = field(default_factory=lambda: StageConfig(steps=1500, batch_size=16, lr=3e-4, warmup=100))
     save_every: int = 100
@@ -112,34 +116,52 @@ def about_question(sentence: str, seed: int) -> str:
     return random.Random(f"{seed}:about:{sentence}").choice(ABOUT_PROMPTS)
 
 
-def teacher_prompt(kind: str, sentence: str, seed: int) -> str:
-    """What the frozen LLM is asked, typed, for a row of `kind` ('spoken' or 'about')."""
+def followup_question(sentence: str, seed: int) -> str:
+    return random.Random(f"{seed}:followup:{sentence}").choice(FOLLOWUP_PROMPTS)
+
+
+def teacher_prompt(kind: str, sentence: str, seed: int, answers: dict | None = None) -> str | list[dict]:
+    """What the frozen LLM is asked, typed, for a row of `kind` ('spoken', 'about' or 'followup'): a
+    user turn, or (followup) a conversation, which needs the 'spoken' answers first."""
     if kind == "spoken":
         return sentence
-    return ABOUT_TEACHER.format(sentence=sentence, question=about_question(sentence, seed))
+    if kind == "about":
+        return ABOUT_TEACHER.format(sentence=sentence, question=about_question(sentence, seed))
+    if kind == "followup":
+        if answers is None:
+            raise ValueError("a follow-up's teacher prompt needs the spoken answers first")
+        return [{"role": "user", "content": sentence}, {"role": "assistant", "content": answers[sentence]},
+                {"role": "user", "content": followup_question(sentence, seed)}]
+    raise ValueError(f"unknown row kind {kind!r}; known: spoken, transcribe, about, followup")
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
 
 
 @torch.no_grad()
-def teacher_answers(prompts: list[str], lm, tokenizer, template: str, *, max_new_tokens: int,
+def teacher_answers(prompts: list[str | list[dict]], lm, tokenizer, template: str, *, max_new_tokens: int,
                     batch_size: int = 16, cache: Path | None = None,
                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
-    """{prompt: the frozen LLM's greedy answer} to each prompt as a one-turn typed chat, cut after its
-    last full sentence; kept in `cache` (JSON lines) so a rerun does not generate them again."""
+    """{prompt: the frozen LLM's greedy answer} to each prompt, a one-turn typed chat (a string) or a
+    conversation ([{"role", "content"}], keyed by its JSON), cut after its last full sentence; kept in
+    `cache` (JSON lines) so a rerun does not generate them again."""
     from polymodal.generation import generate
 
     done: dict[str, str] = {}
     if cache is not None and cache.is_file():
         for line in cache.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            done[row["prompt"]] = row["answer"]
-    todo = list(dict.fromkeys(p for p in prompts if p not in done))
-    todo.sort(key=len)  # similar lengths together: less padding
+            done[prompt_key(row["prompt"])] = row["answer"]
+    todo = list({prompt_key(p): p for p in prompts if prompt_key(p) not in done}.values())
+    todo.sort(key=lambda p: len(prompt_key(p)))  # similar lengths together: less padding
     encode = tokenizer.backend.encode
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        ids = [encode(apply_chat_template(template, [{"role": "user", "content": p}], add_generation_prompt=True,
-                                          **template_tokens(tokenizer)), add_special_tokens=False).ids for p in chunk]
+        ids = [encode(apply_chat_template(template, [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                          add_generation_prompt=True, **template_tokens(tokenizer)),
+                      add_special_tokens=False).ids for p in chunk]
         width = max(map(len, ids))
         batch = torch.full((len(ids), width), pad, dtype=torch.long)  # left padding
         mask = torch.zeros_like(batch)
@@ -153,14 +175,14 @@ def teacher_answers(prompts: list[str], lm, tokenizer, template: str, *, max_new
         for r, p in enumerate(chunk):
             answer = _whole_sentences(tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(),
                                                        skip_special_tokens=True))
-            done[p] = answer
+            done[prompt_key(p)] = answer
             rows.append({"prompt": p, "answer": answer})
         if cache is not None:
             with open(cache, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if on_progress is not None:
             on_progress(min(start + batch_size, len(todo)), len(todo))
-    return {p: done[p] for p in prompts}
+    return {prompt_key(p): done[prompt_key(p)] for p in prompts}
 
 
 def cached_speech_features(path: Path, model: SpeechBridge, whisper_ref: str, clips: list[Path],
@@ -193,12 +215,16 @@ def cached_speech_features(path: Path, model: SpeechBridge, whisper_ref: str, cl
     return [s.half().float() for s in states]  # as a rerun reads them back
 
 
-def rows_of(sentence: str, kind: str, answers: dict[str, str], seed: int, rng: random.Random) -> tuple[str, str]:
-    """(the text after the soft prompt, the target answer) of a row of `kind` about `sentence`."""
+def rows_of(sentence: str, kind: str, answers: dict[str, str], seed: int,
+            rng: random.Random) -> list[tuple[str, str]]:
+    """The (text after the soft prompt or typed, target answer) turns of a row of `kind` about `sentence`."""
     if kind == "transcribe":
-        return rng.choice(TRANSCRIBE_PROMPTS), sentence
+        return [(rng.choice(TRANSCRIBE_PROMPTS), sentence)]
+    if kind == "followup":
+        return [("", answers[sentence]), (followup_question(sentence, seed),
+                                          answers[prompt_key(teacher_prompt(kind, sentence, seed, answers))])]
     text = "" if kind == "spoken" else about_question(sentence, seed)
-    return text, answers[teacher_prompt(kind, sentence, seed)]
+    return [(text, answers[teacher_prompt(kind, sentence, seed)])]
 
 
 def speech_batches(clip_sentences: list[str], states: list[Tensor], answers: dict[str, str], fmt: ChatFormat, *,
@@ -212,7 +238,7 @@ def speech_batches(clip_sentences: list[str], states: list[Tensor], answers: dic
     while True:
         rng = random.Random(f"{seed}:batch:{step}")
         chosen = [rng.randrange(len(states)) for _ in range(batch_size)]
-        rows = [fmt.turns([rows_of(clip_sentences[i], rng.choices(names, weights)[0], answers, seed, rng)])
+        rows = [fmt.turns(rows_of(clip_sentences[i], rng.choices(names, weights)[0], answers, seed, rng))
                 for i in chosen]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), fmt.tokenizer.pad_id or 0, dtype=torch.long)
@@ -310,12 +336,19 @@ def train_speech(recipe: SpeechRecipe, out: str | Path, *, on_step: Callable[[in
     t0 = time.time()
     items = clip_items(texts, recipe.voices, recipe.seed)
     clips = synthesize(items, out / "clips", on_progress=progress("clips"))
-    answers = {}
-    if any(recipe.kinds.get(k, 0) > 0 for k in ("spoken", "about")):
-        prompts = [teacher_prompt(k, s, recipe.seed) for s in texts for k in ("spoken", "about")
-                   if recipe.kinds.get(k, 0) > 0]
-        answers = teacher_answers(prompts, model.lm, tokenizer, template, max_new_tokens=recipe.max_answer_tokens,
-                                  cache=out / "answers.jsonl", on_progress=progress("answers"))
+    unknown = set(recipe.kinds) - {"spoken", "transcribe", "about", "followup"}
+    if unknown:
+        raise ValueError(f"unknown row kinds {sorted(unknown)}; known: spoken, transcribe, about, followup")
+    answers: dict[str, str] = {}
+    wanted = [k for k in ("spoken", "about") if recipe.kinds.get(k, 0) > 0 or
+              (k == "spoken" and recipe.kinds.get("followup", 0) > 0)]
+    teach = {"max_new_tokens": recipe.max_answer_tokens, "cache": out / "answers.jsonl"}
+    if wanted:  # a follow-up's conversation holds the spoken answer: those come first
+        answers = teacher_answers([teacher_prompt(k, s, recipe.seed) for s in texts for k in wanted], model.lm,
+                                  tokenizer, template, on_progress=progress("answers"), **teach)
+    if recipe.kinds.get("followup", 0) > 0:
+        answers |= teacher_answers([teacher_prompt("followup", s, recipe.seed, answers) for s in texts], model.lm,
+                                   tokenizer, template, on_progress=progress("follow-up answers"), **teach)
     states = cached_speech_features(out / "features.safetensors", model, recipe.whisper, clips, progress("features"))
     _log(metrics, {"stage": "data", "sentences": len(texts), "clips": len(clips), "answers": len(answers),
                    "seconds": round(time.time() - t0, 1)})
@@ -358,5 +391,5 @@ def train_speech(recipe: SpeechRecipe, out: str | Path, *, on_step: Callable[[in
     return out
 
 
-__all__ = ["ABOUT_PROMPTS", "SpeechRecipe", "TRANSCRIBE_PROMPTS", "build_bridge", "cached_speech_features",
-           "clip_items", "recipe_sentences", "speech_batches", "teacher_answers", "teacher_prompt", "train_speech"]
+__all__ = ["ABOUT_PROMPTS", "FOLLOWUP_PROMPTS", "SpeechRecipe", "TRANSCRIBE_PROMPTS", "build_bridge", "cached_speech_features",
+           "clip_items", "prompt_key", "recipe_sentences", "speech_batches", "teacher_answers", "teacher_prompt", "train_speech"]
