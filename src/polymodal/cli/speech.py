@@ -16,7 +16,7 @@ SPEECH_MODEL_OPT = typer.Option(None, "--speech-model", help="A speech bridge di
                                 "writes one) that reads --audio into the LLM.")
 
 
-def _load(speech_model: Path | None, audio: Path | None):
+def _load(speech_model: Path | None):
     if speech_model is None:
         raise ValueError("--audio needs --speech-model DIR (a speech bridge: `polymodal train speech --out DIR`)")
     import polymodal
@@ -33,7 +33,7 @@ def ask_audio(audio: Path | None, speech_model: Path | None, args: list[str], *,
     question = args[0].strip() if args else None
     if args and not question:
         raise ValueError("the question is empty: give some text, or none to answer what was said")
-    chat = _load(speech_model, audio)
+    chat = _load(speech_model)
     answer = chat.ask(audio, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
     if json_:
         return _emit({"audio": str(audio), "question": question, "answer": answer})
@@ -46,7 +46,7 @@ def chat_audio(audio: Path | None, speech_model: Path | None, *, max_new_tokens:
     /audio PATH a spoken one."""
     from polymodal.cli.audio import speak_aloud
 
-    chat = _load(speech_model, audio)
+    chat = _load(speech_model)
     session = chat.chat(on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
     say("chat: /audio PATH, /reset, /save PATH, /quit" + (f" (audio: {audio})" if audio else ""))
 

