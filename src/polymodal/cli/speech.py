@@ -33,8 +33,11 @@ def ask_audio(audio: Path | None, speech_model: Path | None, args: list[str], *,
     question = args[0].strip() if args else None
     if args and not question:
         raise ValueError("the question is empty: give some text, or none to answer what was said")
+    from polymodal.tasks.speech_chat import load_speech
+
+    _, wave = load_speech(audio)  # a bad clip is refused before the model loads
     chat = _load(speech_model)
-    answer = chat.ask(audio, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    answer = chat.ask(wave, question, max_new_tokens=max_new_tokens, num_beams=num_beams)
     if json_:
         return _emit({"audio": str(audio), "question": question, "answer": answer})
     typer.echo(answer)
@@ -45,7 +48,10 @@ def chat_audio(audio: Path | None, speech_model: Path | None, *, max_new_tokens:
     """The terminal chat with spoken turns: --audio is answered first; then a line is a typed turn and
     /audio PATH a spoken one."""
     from polymodal.cli.audio import speak_aloud
+    from polymodal.tasks.speech_chat import load_speech
 
+    if audio is not None:
+        load_speech(audio)  # a bad clip is refused before the model loads
     chat = _load(speech_model)
     session = chat.chat(on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
     say("chat: /audio PATH, /reset, /save PATH, /quit" + (f" (audio: {audio})" if audio else ""))
