@@ -114,6 +114,14 @@ def main() -> int:
     for name, wer in (("bridge", "wer_what_did_they_say"), ("pipeline", "whisper_wer")):
         f = figures[name]
         print(f"{name:10} {f['token_f1']:9.3f} {f['exact']:7.3f} {f[wer]:7.3f} {f['seconds_per_clip']:7.2f}")
+    questions = [r for r in rows if r["sentence"].endswith("?")]
+    others = [r for r in rows if not r["sentence"].endswith("?")]
+    for label, part in (("questions", questions), ("instructions and captions", others)):
+        if part:
+            figures[label] = {"sentences": len(part), "bridge_f1": mean([r["bridge_f1"] for r in part]),
+                              "pipeline_f1": mean([r["pipeline_f1"] for r in part])}
+            print(f"{label}: {len(part)}, token-F1 bridge {figures[label]['bridge_f1']:.3f}, "
+                  f"pipeline {figures[label]['pipeline_f1']:.3f}")
     if args.out:
         args.out.write_text(json.dumps({"figures": figures, "rows": rows}, indent=2, ensure_ascii=False) + "\n")
     return 0
