@@ -170,6 +170,8 @@ class SpeechChatSession:
             source, prompt = self.pending
         if prompt is None and not text:
             raise ValueError("nothing to answer: give a question, a clip, or both")
+        if AUDIO_PLACEHOLDER in text:
+            raise ValueError(f"the question holds {AUDIO_PLACEHOLDER!r}, which marks where speech goes")
         self.pending = None
         cfg = self.speech.generation_config(**{**self.gen, **gen})
         messages = self.messages + [{"role": "user", "content": text}]
