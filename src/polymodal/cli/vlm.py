@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from polymodal.cli import JSON, USER_ERRORS, _emit, _progress, command, say
+from polymodal.cli.speech import AUDIO_OPT, SPEECH_MODEL_OPT
 
 VLM_MODEL = typer.Option(
     ...,
@@ -71,10 +72,11 @@ def _is_flamingo(vlm) -> bool:
 
 @command
 def ask(
-    args: list[str] = typer.Argument(..., metavar="[IMAGE] QUESTION",
+    args: list[str] = typer.Argument(None, metavar="[IMAGE] QUESTION",
                                      help="An image file and the question, or the question alone with "
                                           "--image / --video. A Flamingo reads <image> markers in the "
-                                          "question as an interleaved prompt."),
+                                          "question as an interleaved prompt. With --audio: the question "
+                                          "about the clip, or none to answer what was said."),
     model: str = VLM_MODEL,
     images: list[Path] = IMAGES_OPT,
     video: Path = VIDEO_OPT,
@@ -82,9 +84,20 @@ def ask(
                                                      "{image or video, question, answer} (a Flamingo model)."),
     max_new_tokens: int = MAX_NEW,
     num_beams: int = BEAMS,
+    audio: Path = AUDIO_OPT,
+    speech_model: Path = SPEECH_MODEL_OPT,
     json_: bool = JSON,
 ) -> None:
-    """Answer one question about an image (a Flamingo: several images, a video, few-shot examples)."""
+    """Answer one question about an image (a Flamingo: several images, a video, few-shot examples), or
+    about a clip of speech (--audio, through a speech bridge)."""
+    if audio is not None or speech_model is not None:
+        from polymodal.cli.speech import ask_audio
+
+        return ask_audio(audio, speech_model, args or [], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                         json_=json_)
+    args = args or []
+    if not args:
+        raise ValueError("give [IMAGE] QUESTION (or --audio CLIP --speech-model DIR)")
     if len(args) > 2:
         raise ValueError(f"give [IMAGE] QUESTION, got {len(args)} arguments (quote the question)")
     question = args[-1]
@@ -116,10 +129,17 @@ def chat(
     video: Path = VIDEO_OPT,
     max_new_tokens: int = MAX_NEW,
     speak: bool = typer.Option(False, "--speak", help="Also read each answer aloud through espeak-ng."),
+    audio: Path = AUDIO_OPT,
+    speech_model: Path = SPEECH_MODEL_OPT,
 ) -> None:
     """A terminal chat, one message per line on stdin, the answers streamed to stdout.
     Commands: /image PATH, /reset, /save PATH, /quit. With a Flamingo, /image adds an image to the
-    conversation where it stands (the questions after it are about it) and /video PATH a clip."""
+    conversation where it stands (the questions after it are about it) and /video PATH a clip.
+    With --speech-model, turns may be spoken: --audio is answered first, /audio PATH adds a spoken turn."""
+    if audio is not None or speech_model is not None:
+        from polymodal.cli.speech import chat_audio
+
+        return chat_audio(audio, speech_model, max_new_tokens=max_new_tokens, speak=speak)
     vlm = _load(model)
     if _is_flamingo(vlm):
         firsts = ([image] if image else []) + list(images or [])
