@@ -223,21 +223,34 @@ def test_chat_loss_trains_the_bridge_only_and_teacher_answers_are_kept(parts, tm
     assert all(p.grad is not None and p.grad.any() for part in model.trained for p in part.parameters())
 
 
-def test_train_speech_learns_the_words_and_saves_references(parts, tmp_path):
+def test_train_speech_learns_the_words_and_saves_references(parts, tmp_path, monkeypatch):
+    import polymodal.checkpoints.speech_io as speech_io
+
+    trained, save = {}, speech_io.save_speech_bridge
+
+    def keep(model, *args):  # the model as training left it, before it is saved
+        trained["model"] = model
+        return save(model, *args)
+
+    monkeypatch.setattr(speech_io, "save_speech_bridge", keep)
     out = train_speech(recipe(parts), tmp_path / "bridge")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["stage"] == "train"]
     assert rows[0]["clips"] == 12 and len(losses) == 150
     assert sum(losses[-10:]) < 0.9 * sum(losses[:10]), (losses[:10], losses[-10:])
 
-    # the frozen parts are referenced, not copied, and come back bit-identical to their sources
+    # the frozen parts are bit-identical to their sources after training, and are referenced, not copied
+    whisper = read_state_dict(parts / "whisper" / "model.safetensors")
+    lm = read_state_dict(parts / "lm" / "model.safetensors")
+    assert all(torch.equal(v, whisper[f"encoder.{k}"]) for k, v in trained["model"].encoder.state_dict().items())
+    assert all(torch.equal(v, lm[k]) for k, v in trained["model"].lm.state_dict().items())
     saved = read_state_dict(out / "model.safetensors")
     assert saved and not any(k.startswith(("encoder.", "lm.")) for k in saved)
     model, tok, template = load_speech_bridge(out)
-    whisper = read_state_dict(parts / "whisper" / "model.safetensors")
     assert all(torch.equal(v, whisper[f"encoder.{k}"]) for k, v in model.encoder.state_dict().items())
-    lm = read_state_dict(parts / "lm" / "model.safetensors")
     assert all(torch.equal(v, lm[k]) for k, v in model.lm.state_dict().items())
+    for name, v in trained["model"].state_dict().items():  # and the trained parts are what was trained
+        assert torch.equal(v, model.state_dict()[name]), name
 
     # A random 2-layer LM cannot be made to spell, but the bridge must tell the words apart (see word_scores).
     right, modes = word_scores(out, model, tok, template)
