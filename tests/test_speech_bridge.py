@@ -201,8 +201,12 @@ def test_chat_loss_trains_the_bridge_only_and_teacher_answers_are_kept(parts, tm
     answers = teacher_answers(prompts, lm, tok, CHATML, max_new_tokens=3, batch_size=3, cache=tmp_path / "a.jsonl")
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == len(prompts)
     assert teacher_answers(prompts, None, tok, CHATML, max_new_tokens=3, cache=tmp_path / "a.jsonl") == answers
+    with open(tmp_path / "a.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"prompt": "apple", "ans')  # a line a kill cut short
     answers |= teacher_answers([teacher_prompt("followup", w, 0, answers) for w in WORDS], lm, tok, CHATML,
                                max_new_tokens=3, cache=tmp_path / "a.jsonl")
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert len(lines) == len(prompts) + 1 + len(WORDS) and lines[len(prompts)].endswith('"ans')
     session = SpeechChat(model, tok, CHATML).chat()  # the teacher's follow-up answer is the LLM's own, typed
     session.messages = teacher_prompt("followup", WORDS[0], 0, answers)[:2]
     session.prompts, session.sources = [None, None], [None, None]
@@ -287,7 +291,9 @@ def test_cli_train_resumes_and_ask_answers(parts, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["step"] == 3 and (out / "answers.jsonl").is_file()
 
-    # a rerun resumes at step 3 and makes no data again
+    # a rerun resumes at step 3 and makes no data again (a line a kill cut short is passed over)
+    with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"prompt": "What is an app')
     import polymodal.data.speech as data_speech
     import polymodal.tasks.speech_chat as sc
 

@@ -151,9 +151,16 @@ def teacher_answers(prompts: list[str | list[dict]], lm, tokenizer, template: st
 
     done: dict[str, str] = {}
     if cache is not None and cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        text = cache.read_text(encoding="utf-8")
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: its answer is made again
+                continue
             done[prompt_key(row["prompt"])] = row["answer"]
+        if text and not text.endswith("\n"):  # what is appended starts on a line of its own
+            with open(cache, "a", encoding="utf-8") as f:
+                f.write("\n")
     todo = list({prompt_key(p): p for p in prompts if prompt_key(p) not in done}.values())
     todo.sort(key=lambda p: len(prompt_key(p)))  # similar lengths together: less padding
     encode = tokenizer.backend.encode
@@ -289,7 +296,7 @@ def _save_state(out: Path, model: SpeechBridge, optimizer, step: int) -> None:
 
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(("encoder.", "lm."))}
     save_file(state, str(out / "state.tmp"), metadata={"step": str(step)})
-    torch.save(optimizer.state_dict(), out / "optimizer.tmp")
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, out / "optimizer.tmp")
     (out / "optimizer.tmp").replace(out / "optimizer.pt")
     (out / "state.tmp").replace(out / "state.safetensors")
 
@@ -306,7 +313,9 @@ def _load_state(out: Path, model: SpeechBridge, optimizer) -> int:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or any(not k.startswith(("encoder.", "lm.")) for k in result.missing_keys):
         raise ValueError(f"{out}: the saved training state is not this recipe's bridge; start in a new --out")
-    optimizer.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
+    saved = torch.load(out / "optimizer.pt", weights_only=True)
+    if saved.get("step") == step:  # else a kill fell between the two files: the moments start afresh
+        optimizer.load_state_dict(saved["optimizer"])
     return step
 
 
