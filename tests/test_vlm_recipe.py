@@ -177,22 +177,28 @@ def test_followup_chats_are_the_llms_own_answers_and_are_kept(parts, tmp_path, m
     examples = load_examples(parts / "colours")
     chats = followup_chats(examples, lm, tok, CHATML, count=5, seed=0, max_new_tokens=6, batch_size=2,
                            cache=tmp_path / "chats.jsonl")
-    assert 0 < len(chats) <= 5 and len((tmp_path / "chats.jsonl").read_text().splitlines()) == 5
+    kept = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
+    assert len(kept) == 5 and len({row["image"] for row in kept}) == 5
     model, _ = tiny_blip2(parts)
     vlm = VLM(model, tok, CHATML)  # the same LLM, asked with the picture given in words, one at a time
-    for chat in chats:
-        (q0, name), (q1, answer) = chat["turns"]
-        assert q0 == "What is this?" and name == examples[chat["example"]]["name"]
+    for row in kept:
+        (q0, name), (q1, answer) = row["turns"]
+        assert q0 == "What is this?" and name in COLOURS
         session = vlm.chat()
         session.messages = [{"role": "user", "content": f"I am showing you a picture of {name}. What is this?"},
                             {"role": "assistant", "content": name}]
-        assert answer == _whole_sentences(session.send(q1, max_new_tokens=6))
+        said = session.send(q1, max_new_tokens=6)
+        assert answer == _whole_sentences(said, truncated=len(session.last_tokens) >= 6)
+    # the chats are the kept ones with an answer (a cut answer with no full sentence is left out)
+    assert [c["turns"] for c in chats] == [row["turns"] for row in kept if row["turns"][1][1]]
+    assert all(examples[c["example"]]["image"] in {row["image"] for row in kept} for c in chats)
     import polymodal.generation
 
     monkeypatch.setattr(polymodal.generation, "generate", lambda *a, **k: pytest.fail("generated again"))
     again = followup_chats(examples, lm, tok, CHATML, count=5, seed=0, cache=tmp_path / "chats.jsonl")
     assert again == chats
-    assert _whole_sentences("Cats purr. They also") == "Cats purr." and _whole_sentences("no end") == "no end"
+    assert _whole_sentences("Cats purr. They also") == "Cats purr." and _whole_sentences("cut off") == ""
+    assert _whole_sentences("no end", truncated=False) == "no end"
 
 
 def test_train_vlm_end_to_end(parts, tmp_path):

@@ -181,8 +181,9 @@ def teacher_answers(prompts: list[str | list[dict]], lm, tokenizer, template: st
                        eos_token_id=tuple(lm.cfg.eos_ids))
         rows = []
         for r, p in enumerate(chunk):
-            answer = _whole_sentences(tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(),
-                                                       skip_special_tokens=True))
+            length = int(out.lengths[r])
+            answer = _whole_sentences(tokenizer.decode(out.tokens[r, :length].tolist(), skip_special_tokens=True),
+                                      truncated=length >= max_new_tokens)
             done[prompt_key(p)] = answer
             rows.append({"prompt": p, "answer": answer})
         if cache is not None:
@@ -226,13 +227,17 @@ def cached_speech_features(path: Path, model: SpeechBridge, whisper_ref: str, cl
 def rows_of(sentence: str, kind: str, answers: dict[str, str], seed: int,
             rng: random.Random) -> list[tuple[str, str]]:
     """The (text after the soft prompt or typed, target answer) turns of a row of `kind` about `sentence`."""
+    transcribe = [(rng.choice(TRANSCRIBE_PROMPTS), sentence)]
     if kind == "transcribe":
-        return [(rng.choice(TRANSCRIBE_PROMPTS), sentence)]
+        return transcribe
     if kind == "followup":
-        return [("", answers[sentence]), (followup_question(sentence, seed),
-                                          answers[prompt_key(teacher_prompt(kind, sentence, seed, answers))])]
-    text = "" if kind == "spoken" else about_question(sentence, seed)
-    return [(text, answers[teacher_prompt(kind, sentence, seed)])]
+        turns = [("", answers[sentence]), (followup_question(sentence, seed),
+                                           answers[prompt_key(teacher_prompt(kind, sentence, seed, answers))])]
+    else:
+        turns = [("" if kind == "spoken" else about_question(sentence, seed),
+                  answers[teacher_prompt(kind, sentence, seed)])]
+    # a teacher answer cut by max_answer_tokens before its first full sentence is empty: not a target
+    return turns if all(answer for _, answer in turns) else transcribe
 
 
 def speech_batches(clip_sentences: list[str], states: list[Tensor], answers: dict[str, str], fmt: ChatFormat, *,

@@ -255,13 +255,14 @@ FOLLOWUPS = ("What is it usually used for?", "Tell me one interesting fact about
              "Where would you usually see one?", "What colour is it usually?", "Describe it in one sentence.")
 
 
-def _whole_sentences(text: str) -> str:
-    """`text` cut after its last full sentence (a teacher answer stopped by max_new_tokens)."""
+def _whole_sentences(text: str, *, truncated: bool = True) -> str:
+    """`text` cut after its last full sentence (a teacher answer stopped by max_new_tokens); "" when
+    a truncated text holds no full sentence."""
     text = text.strip()
     end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
-    if text.endswith((".", "!", "?")) or end < 0:
+    if text.endswith((".", "!", "?")) or not truncated:
         return text
-    return text[:end + 1]
+    return text[:end + 1] if end >= 0 else ""
 
 
 @torch.no_grad()
@@ -305,8 +306,9 @@ def followup_chats(examples: list[dict], lm, tokenizer, template: str, *, count:
                        eos_token_id=tuple(lm.cfg.eos_ids))
         rows = []
         for r, (i, q) in enumerate(chunk):
-            answer = _whole_sentences(tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(),
-                                                       skip_special_tokens=True))
+            length = int(out.lengths[r])
+            answer = _whole_sentences(tokenizer.decode(out.tokens[r, :length].tolist(), skip_special_tokens=True),
+                                      truncated=length >= max_new_tokens)
             row = {"image": examples[i]["image"], "turns": [["What is this?", examples[i]["name"]], [q, answer]]}
             done[(row["image"], q)] = row
             rows.append(row)
