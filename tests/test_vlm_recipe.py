@@ -34,6 +34,7 @@ from polymodal.train.vlm import (
     chat_loss,
     followup_chats,
     load_examples,
+    match_prompt_scale,
     stage2_batches,
     train_vlm,
 )
@@ -134,6 +135,17 @@ def test_chat_loss_with_cached_prefix_equals_the_plain_forward(parts):
     assert abs(loss.item() - plain.item()) < 1e-5
     for g, p in zip(grads, model.qformer.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_match_prompt_scale_gives_prompt_tokens_the_length_of_word_embeddings(parts):
+    torch.manual_seed(3)
+    model, _ = tiny_blip2(parts)
+    features = torch.randn(6, 17, model.cfg.vision.width)
+    words = model.lm.token_embed.weight.norm(dim=-1).mean().item()
+    before, after = match_prompt_scale(model, features)
+    assert abs(before - words) > 0.1 * words  # a default init is off
+    assert abs(after - words) < 1e-4 * words
+    assert abs(model.visual_prompt(None, features=features).norm(dim=-1).mean().item() - after) < 1e-6 * after
 
 
 def test_training_rows_are_what_the_chat_session_feeds_the_llm(parts):

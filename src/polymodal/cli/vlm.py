@@ -1,6 +1,7 @@
 """Commands over a vision-language model (BLIP-2 or Flamingo): caption, ask, chat.
 
-`--model` is required for now: polymodal ships no trained default VLM yet. It takes a polymodal
+`--model` is required for images: polymodal ships no trained default VLM yet (MODEL_CARD.md says
+why); `ask --audio` / `chat --audio` need only `--speech-model`. `--model` takes a polymodal
 BLIP-2 directory or a transformers BLIP-2 (Blip2ForConditionalGeneration) directory, or a
 polymodal Flamingo directory or a transformers IDEFICS one (several images, --video, --shots).
 """
@@ -16,26 +17,28 @@ from polymodal.cli import JSON, USER_ERRORS, _emit, _progress, command, say
 from polymodal.cli.speech import AUDIO_OPT, SPEECH_MODEL_OPT
 
 VLM_MODEL = typer.Option(
-    ...,
+    None,
     "--model",
     "-m",
     help="A polymodal or transformers BLIP-2 directory, or a Flamingo (polymodal or transformers IDEFICS) "
-    "directory. Required: no default VLM ships yet.",
+    "directory. Required for images: no default VLM ships yet.",
 )
 MAX_NEW = typer.Option(30, "--max-new-tokens", min=1, help="At most this many new tokens per answer.")
 BEAMS = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (1: greedy).")
 
 
-def _load(model: str):
+def _load(model: str | None):
     import polymodal
 
+    if model is None:
+        raise ValueError("give a VLM with --model: no default VLM ships yet (MODEL_CARD.md)")
     return polymodal.load_vlm(model)
 
 
 @command
 def caption(
     target: Path = typer.Argument(..., help="An image file, or a folder whose images are all captioned."),
-    model: str = VLM_MODEL,
+    model: str | None = VLM_MODEL,
     out: Path = typer.Option(
         Path("captions.jsonl"), "--out", "-o",
         help="Folder mode: the JSON-lines file to append {path, caption} to; a rerun skips what is there.",
@@ -77,7 +80,7 @@ def ask(
                                           "--image / --video. A Flamingo reads <image> markers in the "
                                           "question as an interleaved prompt. With --audio: the question "
                                           "about the clip, or none to answer what was said."),
-    model: str = VLM_MODEL,
+    model: str | None = VLM_MODEL,
     images: list[Path] = IMAGES_OPT,
     video: Path = VIDEO_OPT,
     shots: Path = typer.Option(None, "--shots", help="Few-shot examples before the question: JSON lines of "
@@ -124,7 +127,7 @@ def ask(
 @command
 def chat(
     image: Path = typer.Argument(None, help="An image to talk about (optional; /image PATH sets one later)."),
-    model: str = VLM_MODEL,
+    model: str | None = VLM_MODEL,
     images: list[Path] = IMAGES_OPT,
     video: Path = VIDEO_OPT,
     max_new_tokens: int = MAX_NEW,

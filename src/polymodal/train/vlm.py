@@ -67,6 +67,7 @@ class VLMRecipe:
     weights: dict = field(default_factory=lambda: {"scenes": 0.5, "emoji": 0.3, "clipart": 0.2})
     max_text: int = 32  # tokens of a stage-1 caption
     chats: int = 0  # two-turn chats self-distilled from the LLM (followup_chats) for stage 2
+    match_scale: bool = False  # start stage 2 with visual-prompt tokens as long as the LLM's word embeddings
     chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
     seed: int = 0
 
@@ -407,6 +408,20 @@ def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
     stage2.qformer.load_state_dict({k: source[k] for k in target})
 
 
+@torch.no_grad()
+def match_prompt_scale(model: Blip2, features: Tensor) -> tuple[float, float]:
+    """Rescale the projection so the visual prompt's tokens are, on average, as long as the LLM's
+    word embeddings. From a default init they come out several times longer, and the frozen LLM
+    then reads a loud, nearly constant prompt whose image-dependent part is hard to learn.
+    Returns (mean token norm before, after)."""
+    before = model.visual_prompt(None, features=features).norm(dim=-1).mean().item()
+    target = model.lm.token_embed.weight.norm(dim=-1).mean().item()
+    model.language_projection.weight.mul_(target / before)
+    if model.language_projection.bias is not None:
+        model.language_projection.bias.mul_(target / before)
+    return before, model.visual_prompt(None, features=features).norm(dim=-1).mean().item()
+
+
 def _train_config(stage: StageConfig):
     from polymodal.train.blip2 import Blip2TrainConfig
 
@@ -475,6 +490,9 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         stage1_file.with_suffix(".tmp").replace(stage1_file)
 
     transfer_qformer(stage1, stage2)
+    if recipe.match_scale:
+        before, after = match_prompt_scale(stage2, features[:256])
+        _log(metrics, {"stage": "scale", "prompt_norm": round(before, 3), "matched": round(after, 3)})
     fmt = ChatFormat(lm_tokenizer, template, stage2.cfg.lm.eos_ids[0])
     chats = []
     if recipe.chats and recipe.chat_weight > 0:
@@ -492,5 +510,5 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
 
 
 __all__ = ["VLMRecipe", "StageConfig", "train_vlm", "chat_loss", "ChatFormat", "load_examples", "answer_pairs",
-           "followup_chats", "FOLLOWUPS",
+           "followup_chats", "FOLLOWUPS", "match_prompt_scale",
            "stage1_batches", "stage2_batches", "vision_features", "build_models", "transfer_qformer"]
