@@ -37,6 +37,7 @@ def benches(size: str) -> dict[str, list[str]]:
         "text": ["text_embed.py", "--captions", pick("300", "1000", "10000"), "--repeats", pick("1", "2", "2")],
         "caption": ["caption.py", "--batch", *pick(["1"], ["1", "8"], ["1", "8"]), "--repeats", pick("1", "2", "3")],
         "train": ["train_throughput.py", "--batch", pick("8", "16", "32"), "--repeats", pick("1", "2", "3")],
+        "limits": ["limits.py"],  # what bounds the batch-1 and captioning ratios: bandwidth, small products
     }
     if (HERE / "index_pipeline.py").exists():  # another engineer's: end-to-end indexing against embedding alone
         out["index"] = ["index_pipeline.py", "--images", pick("64", "160", "600"), "--repeats", pick("1", "2", "3")]
