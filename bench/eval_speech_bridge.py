@@ -32,8 +32,8 @@ import polymodal
 from polymodal.checkpoints.speech_io import whisper_dir
 from polymodal.data.speech import synthesize, voice_for
 from polymodal.tasks.asr import normalise_words, word_error_rate
+from polymodal.train.chat_rows import _whole_sentences
 from polymodal.train.speech_bridge import SpeechRecipe, recipe_sentences, teacher_answers
-from polymodal.train.vlm import _whole_sentences
 
 
 def token_f1(prediction: str, reference: str) -> float:

@@ -25,11 +25,11 @@ from polymodal.models.clip import CLIP
 from polymodal.models.lm import DecoderLM
 from polymodal.processing.tokenizer import Tokenizer
 from polymodal.tasks.vlm import CAPTION_PROMPT, VLM
+from polymodal.train.chat_rows import _whole_sentences
 from polymodal.train.vlm import (
     ChatFormat,
     StageConfig,
     VLMRecipe,
-    _whole_sentences,
     answer_pairs,
     chat_loss,
     followup_chats,
@@ -209,8 +209,8 @@ def test_followup_chats_are_the_llms_own_answers_and_are_kept(parts, tmp_path, m
     monkeypatch.setattr(polymodal.generation, "generate", lambda *a, **k: pytest.fail("generated again"))
     again = followup_chats(examples, lm, tok, CHATML, count=5, seed=0, cache=tmp_path / "chats.jsonl")
     assert again == chats
-    assert _whole_sentences("Cats purr. They also") == "Cats purr." and _whole_sentences("cut off") == ""
-    assert _whole_sentences("no end", truncated=False) == "no end"
+    assert _whole_sentences("Cats purr. They also") == "Cats purr." and _whole_sentences("cut off", truncated=True) == ""
+    assert _whole_sentences("no end", truncated=False) == "no end" == _whole_sentences("no end")
 
 
 def test_train_vlm_end_to_end(parts, tmp_path):

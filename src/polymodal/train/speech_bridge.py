@@ -39,7 +39,8 @@ from torch import Tensor
 from polymodal.models.lm import IGNORE_INDEX
 from polymodal.models.speech_bridge import SpeechBridge, SpeechFeatures
 from polymodal.processing.chat import apply_chat_template, template_tokens
-from polymodal.train.vlm import ChatFormat, StageConfig, _whole_sentences, chat_loss
+from polymodal.train.chat_rows import ChatFormat, _whole_sentences, chat_loss
+from polymodal.train.vlm import StageConfig
 
 TRANSCRIBE_PROMPTS = ("What did they say?", "Transcribe the audio.", "Repeat exactly what was said.",
                       "Write down what you heard.")
