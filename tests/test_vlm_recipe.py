@@ -35,6 +35,7 @@ from polymodal.train.vlm import (
     followup_chats,
     load_examples,
     match_prompt_scale,
+    pick_pair,
     stage2_batches,
     train_vlm,
 )
@@ -161,6 +162,24 @@ def test_training_rows_are_what_the_chat_session_feeds_the_llm(parts):
         ids, start = fmt.row(question, answer)
         assert before == fmt.before and ids[:start] == after
         assert tok.decode(ids[start:], skip_special_tokens=True) == answer and ids[-1] == IM_END
+
+
+def test_stage2_draws_each_kind_of_answer_equally_often():
+    import random
+
+    example = {"captions": ["a red circle and a blue star"], "name": None,
+               "qa": [{"q": "what shape is the red object?", "a": "circle", "type": "shape"},
+                      {"q": "what shape is the blue object?", "a": "star", "type": "shape"},
+                      {"q": "what shape is the big object?", "a": "star", "type": "shape"},
+                      {"q": "what colour is the circle?", "a": "red", "type": "colour"}]}
+    rng = random.Random(0)
+    drawn = Counter(pick_pair(example, rng) for _ in range(3000))
+    kinds = Counter()
+    for (question, _), n in drawn.items():
+        kinds["colour" if "colour" in question else "shape" if "shape" in question else "caption"] += n
+    assert set(kinds) == {"caption", "shape", "colour"}
+    assert all(abs(n / 3000 - 1 / 3) < 0.04 for n in kinds.values())  # not 3/5 shape, as drawing pairs would be
+    assert set(drawn) == set(answer_pairs(example))
 
 
 def test_two_turn_rows_are_what_the_chat_session_feeds_the_llm_at_the_second_turn(parts):

@@ -112,14 +112,28 @@ def load_examples(folder: str | Path, split: str = "train") -> list[dict]:
     return list(by_image.values())
 
 
-def answer_pairs(example: dict) -> list[tuple[str, str]]:
-    """(question, answer) pairs of an example for stage 2: the caption prompt with its first
-    (fullest) caption, a scene's questions, and "What is this?" with the name."""
-    pairs = [(CAPTION_PROMPT, example["captions"][0])]
-    pairs += [(qa["q"][:1].upper() + qa["q"][1:], qa["a"]) for qa in example["qa"]]
+def pairs_by_kind(example: dict) -> dict[str, list[tuple[str, str]]]:
+    """An example's (question, answer) pairs for stage 2 by kind: "caption" (the caption prompt with
+    the first, fullest caption), a scene's questions under their type (colour, shape, count, ...),
+    and "name" ("What is this?" with the emoji's or clip art's name)."""
+    kinds: dict[str, list[tuple[str, str]]] = {"caption": [(CAPTION_PROMPT, example["captions"][0])]}
+    for qa in example["qa"]:
+        kinds.setdefault(qa.get("type", "question"), []).append((qa["q"][:1].upper() + qa["q"][1:], qa["a"]))
     if example.get("name"):
-        pairs.append(("What is this?", example["name"]))
-    return pairs
+        kinds["name"] = [("What is this?", example["name"])]
+    return kinds
+
+
+def answer_pairs(example: dict) -> list[tuple[str, str]]:
+    """All of an example's pairs_by_kind, the caption first."""
+    return [pair for pairs in pairs_by_kind(example).values() for pair in pairs]
+
+
+def pick_pair(example: dict, rng: random.Random) -> tuple[str, str]:
+    """One of an example's pairs, its kind drawn first and uniformly, so rare question types are asked
+    as often as common ones (a scene has a shape question per object, a colour question or none)."""
+    kinds = pairs_by_kind(example)
+    return rng.choice(kinds[rng.choice(sorted(kinds))])
 
 
 @torch.no_grad()
@@ -211,8 +225,8 @@ def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, b
                    chat_weight: float = 0.0) -> Iterator[dict[str, Tensor]]:
     """Stage-2 batches: `features`, `input_ids` (B, T) after the visual prompt (right-padded) and
     `targets` (B, T): the answers and their end-of-turn tokens, -100 elsewhere. A row is one of an
-    example's answer_pairs; with probability chat_weight a batch is instead batch_size // 2 of the
-    two-turn `chats` (about twice as long: a batch of one kind pads less)."""
+    example's answer_pairs (`pick_pair`); with probability chat_weight a batch is
+    instead batch_size // 2 of the two-turn `chats` (about twice as long: a batch of one kind pads less)."""
     rng = random.Random(seed)
     picks = _pick(examples, weights, rng)
     pad = fmt.tokenizer.pad_id
@@ -223,7 +237,7 @@ def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, b
             rows = [fmt.turns([tuple(t) for t in chat["turns"]]) for chat in picked]
         else:
             chosen = [next(picks) for _ in range(batch_size)]
-            rows = [fmt.turns([rng.choice(answer_pairs(examples[i]))]) for i in chosen]
+            rows = [fmt.turns([pick_pair(examples[i], rng)]) for i in chosen]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         targets = torch.full_like(input_ids, IGNORE_INDEX)
@@ -377,6 +391,6 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     return out
 
 
-__all__ = ["VLMRecipe", "StageConfig", "train_vlm", "chat_loss", "ChatFormat", "load_examples", "answer_pairs",
+__all__ = ["VLMRecipe", "StageConfig", "train_vlm", "chat_loss", "ChatFormat", "load_examples", "answer_pairs", "pick_pair",
            "followup_chats", "FOLLOWUPS", "match_prompt_scale",
            "stage1_batches", "stage2_batches", "vision_features", "build_models", "transfer_qformer"]
