@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
@@ -49,6 +51,35 @@ JSON = typer.Option(False, "--json", help="Print one JSON document on stdout ins
 def say(message: str) -> None:
     """One line on stderr, whatever the terminal width."""
     typer.echo(" ".join(str(message).split()), err=True)
+
+
+def chat_loop(session, answer: Callable[[str], None], commands: dict[str, Callable[[str], str]]) -> None:
+    """The terminal chat's loop over stdin, shared by the image and the spoken chat: a line is a turn
+    (`answer(line)`), `/NAME ARG` runs `commands["/NAME"](ARG)` and says the note it returns, and /reset,
+    /save PATH and /quit are always there. A bad line is said in one line and the chat goes on."""
+    known = ", ".join([*(f"{name} PATH" for name in commands), "/reset", "/save PATH", "/quit"])
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        word, _, arg = line.partition(" ")
+        try:
+            if word == "/quit":
+                break
+            if word == "/reset":
+                session.reset()
+                say("(conversation reset)")
+            elif word == "/save":
+                say(f"(saved {session.save(Path(arg.strip() or 'chat.json'))})")
+            elif word in commands:
+                if note := commands[word](arg.strip()):
+                    say(note)
+            elif word.startswith("/"):
+                say(f"error: unknown command {word}; known: {known}")
+            else:
+                answer(line)
+        except USER_ERRORS as e:  # a bad file or line: say so and keep chatting
+            say(f"error: {e}")
 
 
 def command(fn=None, *, name: str | None = None, group: typer.Typer | None = None):

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from polymodal.cli import USER_ERRORS, _emit, say
+from polymodal.cli import _emit, chat_loop, say
 
 AUDIO_OPT = typer.Option(None, "--audio", "-a", help="A clip of speech: the question itself, or what a question "
                          "is about (needs --speech-model).")
@@ -64,26 +63,10 @@ def chat_audio(audio: Path | None, speech_model: Path | None, *, max_new_tokens:
             say(f"note: {problem}")
             speak = False
 
+    def spoken(arg: str) -> str:
+        answer(audio=Path(arg))
+        return ""
+
     if audio is not None:
         answer(audio=audio)
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        word, _, arg = line.partition(" ")
-        try:
-            if word == "/quit":
-                break
-            if word == "/reset":
-                session.reset()
-                say("(conversation reset)")
-            elif word == "/audio":
-                answer(audio=Path(arg.strip()))
-            elif word == "/save":
-                say(f"(saved {session.save(Path(arg.strip() or 'chat.json'))})")
-            elif word.startswith("/"):
-                say(f"error: unknown command {word}; known: /audio PATH, /reset, /save PATH, /quit")
-            else:
-                answer(text=line)
-        except USER_ERRORS as e:  # a bad clip or line: say so and keep chatting
-            say(f"error: {e}")
+    chat_loop(session, lambda line: answer(text=line), {"/audio": spoken})
