@@ -270,5 +270,5 @@ def test_cli_bad_inputs(root, folder):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-    r = runner.invoke(app, ["caption", str(folder / "img0.png")])
-    assert r.exit_code == 2 and "--model" in r.output
+    r = runner.invoke(app, ["ask", str(folder / "img0.png"), "what", "-m", str(folder / "nowhere")])
+    assert r.exit_code == 2 and r.stderr.startswith("error:")  # a --model that is not there

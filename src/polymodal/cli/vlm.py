@@ -1,19 +1,18 @@
 """Commands over a vision-language model (BLIP-2 or Flamingo): caption, ask, chat.
 
-`--model` is required for images: polymodal ships no trained default VLM yet (MODEL_CARD.md says
-why); `ask --audio` / `chat --audio` need only `--speech-model`. `--model` takes a polymodal
+Without `--model`, the embedded default VLM answers (MODEL_CARD.md); `ask --audio` / `chat --audio`
+need only `--speech-model`. `--model` takes a polymodal
 BLIP-2 directory or a transformers BLIP-2 (Blip2ForConditionalGeneration) directory, or a
 polymodal Flamingo directory or a transformers IDEFICS one (several images, --video, --shots).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from polymodal.cli import JSON, USER_ERRORS, _emit, _progress, command, say
+from polymodal.cli import JSON, _emit, _progress, chat_loop, command, say
 from polymodal.cli.speech import AUDIO_OPT, SPEECH_MODEL_OPT
 
 VLM_MODEL = typer.Option(
@@ -21,7 +20,7 @@ VLM_MODEL = typer.Option(
     "--model",
     "-m",
     help="A polymodal or transformers BLIP-2 directory, or a Flamingo (polymodal or transformers IDEFICS) "
-    "directory. Required for images: no default VLM ships yet.",
+    "directory (default: the embedded default VLM).",
 )
 MAX_NEW = typer.Option(30, "--max-new-tokens", min=1, help="At most this many new tokens per answer.")
 BEAMS = typer.Option(1, "--num-beams", min=1, help="Beam search with this many beams (1: greedy).")
@@ -30,8 +29,6 @@ BEAMS = typer.Option(1, "--num-beams", min=1, help="Beam search with this many b
 def _load(model: str | None):
     import polymodal
 
-    if model is None:
-        raise ValueError("give a VLM with --model: no default VLM ships yet (MODEL_CARD.md)")
     return polymodal.load_vlm(model)
 
 
@@ -152,39 +149,29 @@ def chat(
     else:
         session = vlm.chat(image, on_note=lambda m: say(f"note: {m}"), max_new_tokens=max_new_tokens)
     say("chat: /image PATH, /reset, /save PATH, /quit" + (f" (image: {image})" if image else ""))
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        word, _, arg = line.partition(" ")
-        try:
-            if word == "/quit":
-                break
-            if word == "/reset":
-                session.reset()
-                say("(conversation reset)")
-            elif word == "/image" and _is_flamingo(vlm):
-                session.add_image(Path(arg.strip()))
-                say(f"(image added: {arg.strip()})")
-            elif word == "/video" and _is_flamingo(vlm):
-                session.add_video(Path(arg.strip()))
-                say(f"(video added: {arg.strip()})")
-            elif word == "/image":
-                session.set_image(Path(arg.strip()))
-                say(f"(image: {arg.strip()}; conversation reset)")
-            elif word == "/save":
-                say(f"(saved {session.save(Path(arg.strip() or 'chat.json'))})")
-            elif word.startswith("/"):
-                say(f"error: unknown command {word}; known: /image PATH, /reset, /save PATH, /quit")
-            else:
-                answer = session.send(line, stream=lambda piece: typer.echo(piece, nl=False))
-                typer.echo("")
-                if speak:  # read aloud; a missing espeak-ng or sound device is said once, then speaking stops
-                    from polymodal.cli.audio import speak_aloud
 
-                    problem = speak_aloud(answer)
-                    if problem:
-                        say(f"note: {problem}")
-                        speak = False
-        except USER_ERRORS as e:  # a bad image or line: say so and keep chatting
-            say(f"error: {e}")
+    def answer(line: str) -> None:
+        nonlocal speak
+        text = session.send(line, stream=lambda piece: typer.echo(piece, nl=False))
+        typer.echo("")
+        if speak:  # read aloud; a missing espeak-ng or sound device is said once, then speaking stops
+            from polymodal.cli.audio import speak_aloud
+
+            if problem := speak_aloud(text):
+                say(f"note: {problem}")
+                speak = False
+
+    def set_image(arg: str) -> str:
+        session.set_image(Path(arg))
+        return f"(image: {arg}; conversation reset)"
+
+    def add_image(arg: str) -> str:
+        session.add_image(Path(arg))
+        return f"(image added: {arg})"
+
+    def add_video(arg: str) -> str:
+        session.add_video(Path(arg))
+        return f"(video added: {arg})"
+
+    commands = {"/image": add_image, "/video": add_video} if _is_flamingo(vlm) else {"/image": set_image}
+    chat_loop(session, answer, commands)
