@@ -1,9 +1,9 @@
 """Commands over a vision-language model (BLIP-2 or Flamingo): caption, ask, chat.
 
 Without `--model`, the embedded default VLM answers (MODEL_CARD.md); `ask --audio` / `chat --audio`
-need only `--speech-model`. `--model` takes a polymodal
-BLIP-2 directory or a transformers BLIP-2 (Blip2ForConditionalGeneration) directory, or a
-polymodal Flamingo directory or a transformers IDEFICS one (several images, --video, --shots).
+need only `--speech-model`. `--model` takes a polymodal BLIP-2 directory or a transformers BLIP-2
+(Blip2ForConditionalGeneration) directory, or a polymodal Flamingo directory or a transformers
+IDEFICS one (several images, --video, --shots).
 """
 
 from __future__ import annotations
