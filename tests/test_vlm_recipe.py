@@ -232,6 +232,30 @@ def test_followup_chats_are_the_llms_own_answers_and_are_kept(parts, tmp_path, m
     assert _whole_sentences("no end", truncated=False) == "no end" == _whole_sentences("no end")
 
 
+def test_a_run_killed_in_stage_2_resumes_to_the_same_weights(parts, tmp_path):
+    r = recipe(parts, save_every=2)
+    r = VLMRecipe.from_dict({**r.to_dict(), "stage1": {**r.to_dict()["stage1"], "steps": 3},
+                             "stage2": {**r.to_dict()["stage2"], "steps": 6}})
+    whole = train_vlm(r, parts / "colours", tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(stage, step, row):
+        if stage == "stage2" and step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_vlm(r, parts / "colours", tmp_path / "killed", on_step=kill_at_5)
+    steps = []
+    again = train_vlm(r, parts / "colours", tmp_path / "killed", on_step=lambda stage, step, row: steps.append(step))
+    assert steps == [5, 6]  # from the state saved at step 4; stage 1 was kept
+    a, b = read_state_dict(whole / "model.safetensors"), read_state_dict(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage": "stage2", "resumed_at": 4} in rows
+
+
 def test_train_vlm_end_to_end(parts, tmp_path):
     out = train_vlm(recipe(parts), parts / "colours", tmp_path / "vlm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

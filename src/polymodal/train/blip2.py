@@ -116,10 +116,14 @@ def stage2_terms(model: Blip2, batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]], cfg: Blip2TrainConfig, *,
                 on_step: Callable[[int, dict], None] | None = None,
-                terms: Callable[[nn.Module, dict], dict[str, Tensor]] | None = None) -> list[dict]:
+                terms: Callable[[nn.Module, dict], dict[str, Tensor]] | None = None,
+                resume: Callable[[torch.optim.Optimizer], int] | None = None,
+                save: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[dict]:
     """Train stage 1 (a Blip2Stage1) or stage 2 (a Blip2) for cfg.steps steps, in place, on the
     model's device. Returns one metrics dict per step: every loss term, `loss`, `lr`, `grad_norm`.
-    `terms(model, batch)` replaces the stage's own loss terms (train/vlm.py's chat-formatted stage 2)."""
+    `terms(model, batch)` replaces the stage's own loss terms (train/vlm.py's chat-formatted stage 2).
+    A killed run resumes through the last two: `resume(optimizer)` loads a saved state and returns its
+    step (the batches before it are drawn and skipped), `save(step, optimizer)` runs after each step."""
     stage = stage_of(model)
     terms_of = terms or (stage1_terms if stage == 1 else stage2_terms)
     device = next(model.parameters()).device
@@ -132,7 +136,10 @@ def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]]
 
     history: list[dict] = []
     stream = iter(batches)
-    for step in range(cfg.steps):
+    start = resume(optimizer) if resume is not None else 0
+    for _ in range(start):
+        next(stream)
+    for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, group["base_lr"])
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in next(stream).items()}
@@ -150,6 +157,8 @@ def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]]
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
+        if save is not None:
+            save(step + 1, optimizer)
     return history
 
 

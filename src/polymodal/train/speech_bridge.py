@@ -20,7 +20,7 @@ chat template exactly as `SpeechChatSession` prompts it (the soft prompt opens t
 The loss is train/vlm.py's `chat_loss` (the frozen template prefix cached without gradients, only
 the answers through the head). What is slow to redo is kept in `out`: the clips (clips/), the
 teacher's answers (answers.jsonl), the encoder's states (features.safetensors) and the training
-state every `save_every` steps (state.safetensors + optimizer.pt), so a killed run resumes.
+state every `save_every` steps (state.safetensors + state.optimizer.pt, train/resume.py), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from polymodal.models.lm import IGNORE_INDEX
 from polymodal.models.speech_bridge import SpeechBridge, SpeechFeatures
 from polymodal.processing.chat import apply_chat_template, template_tokens
 from polymodal.train.chat_rows import ChatFormat, _whole_sentences, chat_loss
+from polymodal.train.resume import load_state, save_state
 from polymodal.train.vlm import StageConfig
 
 TRANSCRIBE_PROMPTS = ("What did they say?", "Transcribe the audio.", "Repeat exactly what was said.",
@@ -47,6 +48,7 @@ TRANSCRIBE_PROMPTS = ("What did they say?", "Transcribe the audio.", "Repeat exa
 ABOUT_PROMPTS = ("What did they ask for?", "What is the speaker asking?", "Summarise what was said in a few words.",
                  "Is this a question or a request?", "What is the main word in what they said?",
                  "Answer what they said, in one sentence.")
+FROZEN = ("encoder.", "lm.")  # the frozen Whisper encoder and LLM: referenced, never saved with the state
 ABOUT_TEACHER = 'Someone said: "{sentence}"\n\n{question}'  # how the teacher is given the sentence in words
 FOLLOWUP_PROMPTS = ("Why?", "Can you say more?", "Give me a shorter answer.", "Thank you! Anything else?",
                     "Can you explain that more simply?", "Are you sure?")
@@ -297,34 +299,6 @@ def build_bridge(recipe: SpeechRecipe):
     return model, tokenizer, template
 
 
-def _save_state(out: Path, model: SpeechBridge, optimizer, step: int) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(("encoder.", "lm."))}
-    save_file(state, str(out / "state.tmp"), metadata={"step": str(step)})
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, out / "optimizer.tmp")
-    (out / "optimizer.tmp").replace(out / "optimizer.pt")
-    (out / "state.tmp").replace(out / "state.safetensors")
-
-
-def _load_state(out: Path, model: SpeechBridge, optimizer) -> int:
-    """The step a previous run saved (0: none), its weights and optimizer state loaded."""
-    from safetensors import safe_open
-
-    if not (out / "state.safetensors").is_file() or not (out / "optimizer.pt").is_file():
-        return 0
-    with safe_open(str(out / "state.safetensors"), "pt") as f:
-        step = int((f.metadata() or {})["step"])
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or any(not k.startswith(("encoder.", "lm.")) for k in result.missing_keys):
-        raise ValueError(f"{out}: the saved training state is not this recipe's bridge; start in a new --out")
-    saved = torch.load(out / "optimizer.pt", weights_only=True)
-    if saved.get("step") == step:  # else a kill fell between the two files: the moments start afresh
-        optimizer.load_state_dict(saved["optimizer"])
-    return step
-
-
 def _log(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -375,7 +349,7 @@ def train_speech(recipe: SpeechRecipe, out: str | Path, *, on_step: Callable[[in
     optimizer = torch.optim.AdamW([
         {"params": [p for p in trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    start = _load_state(out, model, optimizer)
+    start = load_state(out, model, optimizer, frozen=FROZEN)
     if start:
         _log(metrics, {"stage": "resume", "step": start})
     fmt = ChatFormat(tokenizer, template, model.cfg.lm.eos_ids[0])
@@ -402,7 +376,7 @@ def train_speech(recipe: SpeechRecipe, out: str | Path, *, on_step: Callable[[in
         if on_step is not None:
             on_step(step + 1, row)
         if (step + 1) % recipe.save_every == 0 or step + 1 == cfg.steps:
-            _save_state(out, model, optimizer, step + 1)
+            save_state(out, model, optimizer, step + 1, frozen=FROZEN)
     model.eval()
     save_speech_bridge(model, out, tokenizer, template)
     return out

@@ -37,6 +37,9 @@ from polymodal.models.qformer import bert_init
 from polymodal.processing.image import ImageError, load_image, preprocess
 from polymodal.tasks.vlm import CAPTION_PROMPT
 from polymodal.train.chat_rows import FOLLOWUPS, ChatFormat, chat_loss, followup_chats
+from polymodal.train.resume import load_state, save_state
+
+FROZEN = ("visual.", "lm.")  # the frozen ViT and LLM: referenced by the saved model, never stored with it
 
 # --- the recipe --------------------------------------------------------------------------------
 
@@ -68,6 +71,7 @@ class VLMRecipe:
     chats: int = 0  # two-turn chats self-distilled from the LLM (followup_chats) for stage 2
     match_scale: bool = False  # start stage 2 with visual-prompt tokens as long as the LLM's word embeddings
     chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
+    save_every: int = 100  # stage 2 keeps its state every this many steps (stage2-state.*), so a kill resumes
     seed: int = 0
 
     @classmethod
@@ -325,7 +329,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     `metrics.jsonl` (one line per step and stage) and `recipe.json`. on_features(done, total) follows
     the ViT features' computation, on_chats(done, total) the follow-up chats' generation,
     on_step(stage, step, metrics) the training. What is slow to redo is kept in `out` (the features,
-    the chats, stage 1's weights), so a rerun after a kill picks up from there."""
+    the chats, stage 1's weights, stage 2's state every `save_every` steps), so a rerun after a kill
+    picks up from there."""
     from polymodal.checkpoints.vlm_io import save_vlm
     from polymodal.train.blip2 import train_blip2
 
@@ -385,7 +390,19 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     stream = stage2_batches(examples, features, fmt, batch_size=recipe.stage2.batch_size, weights=recipe.weights,
                             seed=recipe.seed + 1, chats=chats, chat_weight=recipe.chat_weight)
     terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"])}  # noqa: E731
-    train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms)
+
+    def resume(optimizer) -> int:
+        step = load_state(out, stage2, optimizer, frozen=FROZEN, name="stage2-state")
+        if step:
+            _log(metrics, {"stage": "stage2", "resumed_at": step})
+        return step
+
+    def save(step: int, optimizer) -> None:
+        if step % recipe.save_every == 0 and step < recipe.stage2.steps:
+            save_state(out, stage2, optimizer, step, frozen=FROZEN, name="stage2-state")
+
+    train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms,
+                resume=resume, save=save)
     stage2.eval()
     save_vlm(stage2, out, lm_tokenizer, template)
     return out
