@@ -53,9 +53,9 @@ def say(message: str) -> None:
     typer.echo(" ".join(str(message).split()), err=True)
 
 
-def chat_loop(session, answer: Callable[[str], None], commands: dict[str, Callable[[str], str]]) -> None:
+def chat_loop(session, answer: Callable[[str], None], commands: dict[str, Callable[[str], str | None]]) -> None:
     """The terminal chat's loop over stdin, shared by the image and the spoken chat: a line is a turn
-    (`answer(line)`), `/NAME ARG` runs `commands["/NAME"](ARG)` and says the note it returns, and /reset,
+    (`answer(line)`), `/NAME ARG` runs `commands["/NAME"](ARG)` and says the note it returns (if any), and /reset,
     /save PATH and /quit are always there. A bad line is said in one line and the chat goes on."""
     known = ", ".join([*(f"{name} PATH" for name in commands), "/reset", "/save PATH", "/quit"])
     for line in sys.stdin:

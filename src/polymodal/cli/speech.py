@@ -63,9 +63,8 @@ def chat_audio(audio: Path | None, speech_model: Path | None, *, max_new_tokens:
             say(f"note: {problem}")
             speak = False
 
-    def spoken(arg: str) -> str:
+    def spoken(arg: str) -> None:
         answer(audio=Path(arg))
-        return ""
 
     if audio is not None:
         answer(audio=audio)

@@ -20,7 +20,8 @@ chat template exactly as `SpeechChatSession` prompts it (the soft prompt opens t
 The loss is train/vlm.py's `chat_loss` (the frozen template prefix cached without gradients, only
 the answers through the head). What is slow to redo is kept in `out`: the clips (clips/), the
 teacher's answers (answers.jsonl), the encoder's states (features.safetensors) and the training
-state every `save_every` steps (state.safetensors + state.optimizer.pt, train/resume.py), so a killed run resumes.
+state every `save_every` steps (state.safetensors + state.optimizer.pt, train/resume.py), so a
+killed run resumes.
 """
 
 from __future__ import annotations

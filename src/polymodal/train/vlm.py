@@ -398,7 +398,7 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         return step
 
     def save(step: int, optimizer) -> None:
-        if step % recipe.save_every == 0 and step < recipe.stage2.steps:
+        if step % recipe.save_every == 0 or step == recipe.stage2.steps:  # as train/speech_bridge.py
             save_state(out, stage2, optimizer, step, frozen=FROZEN, name="stage2-state")
 
     train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms,
