@@ -2,6 +2,7 @@
 converted from their own files: logits on left-padded batches, greedy, beam search, repetition
 penalty, soft prompts; and the key map failing loudly."""
 
+import copy
 import functools
 
 import pytest
@@ -126,6 +127,21 @@ def test_greedy_equals_transformers(name, root):
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=pad,
                    min_new_tokens=8)
     assert torch.equal(got.tokens, expect)
+
+
+@pytest.mark.parametrize("name", ["opt-proj", "llama-tied-bias-hd"])
+def test_decoding_layout_keeps_the_tokens(name, root):
+    ref, (ours, _) = reference(name), converted(name, root)
+    ours = copy.deepcopy(ours)
+    ids, mask = prompts(ref.config.pad_token_id)
+    before = generate(ours, ids, attention_mask=mask, max_new_tokens=12, pad_token_id=ref.config.pad_token_id)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert ours.for_decoding() is ours
+    head = ours.token_embed.weight if ours.lm_head is None else ours.lm_head.weight
+    assert head.t().is_contiguous() and ours.blocks[0].attn.qkv.weight.t().is_contiguous()
+    assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items())
+    after = generate(ours, ids, attention_mask=mask, max_new_tokens=12, pad_token_id=ref.config.pad_token_id)
+    assert torch.equal(after.tokens, before.tokens)
 
 
 @pytest.mark.parametrize("name", ["opt-proj", "llama-gqa", "qwen2"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.nn import MLP, Attention, Block, KVCache, RMSNorm, quick_gelu
+from polymodal.nn import MLP, Attention, Block, KVCache, RMSNorm, column_major_, quick_gelu
 
 torch.manual_seed(0)
 
@@ -82,6 +82,40 @@ def test_kv_cache_equals_full_causal_pass(kv_heads):
     cache2 = KVCache(layers=1, batch=2, kv_heads=kv_heads, max_len=16, head_dim=8)
     chunked = torch.cat([block(x[:, :3], causal=True, cache=cache2), block(x[:, 3:], causal=True, cache=cache2)], 1)
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+
+
+def test_cached_decoder_with_cross_attention_projects_the_context_once():
+    block = Block(32, 4, 64, act="gelu", norm="layer", cross_dim=24)
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 9, 24)
+    full = block(x, ctx, causal=True)
+    cache = KVCache(layers=1, batch=2, kv_heads=4, max_len=8, head_dim=8)
+    calls = []
+    block.xattn.kv.register_forward_hook(lambda *_: calls.append(1))
+    parts = [block(x[:, :2], ctx, causal=True, cache=cache)]
+    parts += [block(x[:, t:t + 1], ctx, causal=True, cache=cache) for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert len(calls) == 1 and cache.length(0) == 6  # the context went in once; the self-attention cache grew
+    k, v = cache.context[0][1:]
+    assert k.shape == v.shape == (2, 4, 9, 8) and k.is_contiguous() and v.is_contiguous()
+    other = torch.randn(2, 9, 24)  # another context tensor is projected anew, not mistaken for the first
+    y = block(x[:, :1], other, causal=True, cache=KVCache(layers=1, batch=2, kv_heads=4, max_len=8, head_dim=8))
+    assert len(calls) == 2
+    torch.testing.assert_close(y, block(x[:, :1], other, causal=True), atol=1e-5, rtol=0)
+
+
+def test_column_major_keeps_values_and_shapes():
+    block = Block(32, 4, 64, act="gelu", norm="layer", cross_dim=24)
+    head = torch.nn.Parameter(torch.randn(50, 32))
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    y = F.linear(block(x, ctx), head)
+    assert column_major_(block, head) is block
+    for name, w in block.state_dict().items():
+        assert torch.equal(w, before[name]) and w.shape == before[name].shape, name
+        if w.dim() == 2:
+            assert w.t().is_contiguous() and not w.is_contiguous(), name
+    assert head.t().is_contiguous()
+    torch.testing.assert_close(F.linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
 
 
 def test_kv_cache_overflow_is_an_error():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import LMConfig
-from polymodal.nn import Block, KVCache, make_norm
+from polymodal.nn import Block, KVCache, column_major_, make_norm
 from polymodal.nn.rope import RotaryEmbedding
 
 # OPT's learned position table starts 2 rows in (fairseq kept rows 0-1 for padding).
@@ -65,6 +65,13 @@ class DecoderLM(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=0.02)
+
+    def for_decoding(self) -> DecoderLM:
+        """On a CPU, lay the weights out for one-token steps (nn/layout.py): the same values, and
+        SmolLM2 generates ~1.3x faster. Training and loading are unaffected. Returns self."""
+        if self.token_embed.weight.device.type == "cpu":
+            column_major_(self, *([self.token_embed.weight] if self.lm_head is None else []))
+        return self
 
     def embed(self, ids: Tensor) -> Tensor:
         """ids (B, T) -> (B, T, embed_dim): the space `inputs_embeds` (and soft prompts) live in."""

@@ -13,8 +13,8 @@ through JSON like every other config.
 
 Generation goes through the shared `generation.py`: `Whisper.decoding(states)` binds an encoder
 output to the decoder and offers the `forward(ids, attention_mask=, cache=)` / `new_cache`
-contract. The cross-attention keys and values of the encoder output are computed once per
-window (`ContextKV`) instead of once per token.
+contract. The cross-attention keys and values of the encoder output are projected once per
+window, into the KV cache (`KVCache.context_kv`), instead of once per token.
 """
 
 from __future__ import annotations
@@ -43,19 +43,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Te
     inv = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float32))
     t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]  # (length, channels / 2)
     return torch.cat([t.sin(), t.cos()], dim=1)
-
-
-class ContextKV(nn.Linear):
-    """The fused key/value projection of a cross-attention layer, which can be handed a precomputed
-    result: while `memo` is (context, kv) it returns kv for that very context tensor, so a decoder
-    projects the encoder output once per window, not at every generated token."""
-
-    memo: tuple[Tensor, Tensor] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.memo is not None and self.memo[0] is x:
-            return self.memo[1]
-        return super().forward(x)
 
 
 class WhisperEncoder(nn.Module):
@@ -101,8 +88,6 @@ class WhisperDecoder(nn.Module):
             Block(w, cfg.decoder_heads, cfg.decoder_mlp_dim, act="gelu", norm="layer", eps=cfg.norm_eps,
                   cross_dim=w)
             for _ in range(cfg.decoder_layers))
-        for block in self.blocks:  # the cross-attention's kv projection, able to take a precomputed result
-            block.xattn.kv = ContextKV(w, 2 * w)
         self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -150,10 +135,8 @@ class WhisperDecoding:
     """The decoder bound to one encoder output (B, S, width): the model contract of `generation.py`.
 
     Beam search asks for a cache of B * K rows; the encoder output is repeated K times, once, and
-    each layer's cross-attention keys and values are projected once into `ContextKV.memo`. Beam
-    search reorders rows only within a beam group, whose rows share one encoder output, so the
-    cross keys and values never need reordering. Use as a context manager (or call `close`) to drop
-    the memo afterwards."""
+    the cache keeps each layer's cross-attention keys and values of it (projected at the first
+    step). Usable as a context manager (`close` lets go of the repeated encoder output)."""
 
     def __init__(self, model: Whisper, states: Tensor):
         self.model, self.states = model, states
@@ -163,9 +146,8 @@ class WhisperDecoding:
         B = self.states.shape[0]
         if batch % B:
             raise ValueError(f"{batch} decoding rows cannot share {B} encoder outputs")
-        self.context = self.states if batch == B else self.states.repeat_interleave(batch // B, dim=0)
-        for block in self.model.decoder.blocks:
-            block.xattn.kv.memo = (self.context, block.xattn.kv(self.context))  # (B', S, 2 * width)
+        if self.context.shape[0] != batch:
+            self.context = self.states if batch == B else self.states.repeat_interleave(batch // B, dim=0)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg, p = self.model.cfg, self.model.decoder.token_embed.weight
@@ -187,8 +169,6 @@ class WhisperDecoding:
         return WhisperOutput(logits=self.model.decoder(ids, self.context, cache=cache))
 
     def close(self) -> None:
-        for block in self.model.decoder.blocks:
-            block.xattn.kv.memo = None
         self.context = self.states
 
     def __enter__(self) -> WhisperDecoding:
@@ -252,5 +232,5 @@ def logits_rules(cfg: WhisperConfig, timestamps: bool):
     return hook
 
 
-__all__ = ["ContextKV", "Whisper", "WhisperConfig", "WhisperDecoder", "WhisperDecoding", "WhisperEncoder",
+__all__ = ["Whisper", "WhisperConfig", "WhisperDecoder", "WhisperDecoding", "WhisperEncoder",
            "WhisperOutput", "logits_rules", "sinusoids"]

@@ -44,7 +44,7 @@ class Block(nn.Module):
                 raise ValueError("keep works for a pre-norm block without cross-attention")
             x = x[:, :keep] + attn(self.norm1(x))  # (B, keep, dim)
             return x + self.mlp(self.norm2(x))
-        xattn = lambda h: self.xattn(h, context, mask=context_mask, eager=eager)  # noqa: E731
+        xattn = lambda h: self.xattn(h, context, mask=context_mask, cache=cache, layer=layer, eager=eager)  # noqa: E731
         if self.pre_norm:
             x = x + attn(self.norm1(x))
             if self.xattn is not None and context is not None:

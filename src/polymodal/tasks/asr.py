@@ -34,6 +34,7 @@ from torch import Tensor
 
 from polymodal.generation import GenerationConfig, generate
 from polymodal.models.whisper import Whisper, WhisperConfig, logits_rules
+from polymodal.nn import column_major_
 from polymodal.processing.audio import (
     AUDIO_SUFFIXES,
     HOP,
@@ -154,6 +155,8 @@ class ASR:
     def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None, decode_threads: int | None = 1):
         self.model, self.tokenizer, self.audio_ctx = model, tokenizer, audio_ctx
         self.decode_threads = decode_threads
+        if model.decoder.token_embed.weight.device.type == "cpu":  # one token a step: stream W.T (nn/layout.py)
+            column_major_(model.decoder, model.decoder.token_embed.weight)
         self.cfg: WhisperConfig = model.cfg
 
     @classmethod

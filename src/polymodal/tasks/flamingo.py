@@ -68,6 +68,7 @@ class FlamingoVLM:
     def __init__(self, model, tokenizer, chat_template: str | None = None, image_transform=None):
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.image_transform = image_transform or model.cfg.image_transform
+        model.lm.for_decoding()
 
     @classmethod
     def from_pretrained(cls, path) -> FlamingoVLM:

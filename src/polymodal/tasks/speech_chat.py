@@ -88,6 +88,7 @@ class SpeechChat:
 
     def __init__(self, model: SpeechBridge, tokenizer, chat_template: str):
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
+        model.lm.for_decoding()
 
     @classmethod
     def from_pretrained(cls, path) -> SpeechChat:
