@@ -40,6 +40,7 @@ def main() -> None:
     ref = transformers.Blip2ForConditionalGeneration(hf_cfg).eval()
     cfg = hf_blip2.config_from_hf(ref.config.to_dict())
     ours = load_exact(Blip2(cfg), hf_blip2.state_from_hf(ref.state_dict(), cfg)).eval()
+    ours.lm.for_decoding()  # as polymodal.load_vlm lays it out (nn/layout.py)
     print(f"BLIP-2: ViT-B/16 + Q-Former (12 layers, 32 queries) + OPT-125m shapes, random weights, greedy, "
           f"{args.new_tokens} new tokens, fp32, {torch.get_num_threads()} threads")
     for batch in args.batch:

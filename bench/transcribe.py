@@ -1,10 +1,11 @@
 """Transcription speed with the real Whisper tiny.en: polymodal against transformers (same weights,
 this process) and faster-whisper (CTranslate2, the very same model.bin) in float32 and int8.
 
-    nice .venv/bin/python bench/transcribe.py [--long-sentences 24] [--clips 16] [--repeats 2]
+    nice .venv/bin/python bench/transcribe.py [--long-sentences 24] [--gap 6] [--clips 16] [--repeats 2]
 
-The speech is spoken by espeak-ng: one long recording (sentences 6 s apart, about 2.5 minutes)
-and a folder of short clips (2-3 s each). Every contender starts from the files, greedy, no
+The speech is spoken by espeak-ng: one long recording (a sentence every --gap seconds: 6 s leaves
+about 3.5 s of silence after each sentence, 3 s is talk with short pauses) and a folder of short
+clips (2-3 s each). Every contender starts from the files, greedy, no
 temperature fallback, no conditioning on the previous window, no voice-activity filter:
   - polymodal: `ASR.transcribe(long)`; `transcribe_folder` (clips batched 8 at a time), with the
     full 30 s encoder window and with the trimmed context (`audio_ctx=10`, opt-in);
@@ -77,6 +78,7 @@ def seconds_of(paths) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long-sentences", type=int, default=24)
+    ap.add_argument("--gap", type=float, default=6.0, help="Seconds from one sentence's start to the next's.")
     ap.add_argument("--clips", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -97,7 +99,7 @@ def main() -> None:
 
     fe = transformers.WhisperFeatureExtractor()
     root = Path(tempfile.mkdtemp(prefix="bench-asr-"))
-    long, long_ref, clips, clip_refs = make_data(root, args.long_sentences, args.clips)
+    long, long_ref, clips, clip_refs = make_data(root, args.long_sentences, args.clips, args.gap)
     long_s, clips_s = seconds_of([long]), seconds_of(clips)
     out_jsonl = root / "t.jsonl"
 
