@@ -1,5 +1,6 @@
 """`polymodal ask --audio` and `polymodal chat --audio`: the speech bridge behind the VLM commands
-(cli/vlm.py hands them over here when --audio or --speech-model is given)."""
+(cli/vlm.py hands them over here when --audio or --speech-model is given). Without --speech-model
+the pipeline answers: Whisper transcribes, the LLM reads the transcript (tasks/speech_chat.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import typer
 from polymodal.cli import _emit, chat_loop, say
 
 AUDIO_OPT = typer.Option(None, "--audio", "-a", help="A clip of speech: the question itself, or what a question "
-                         "is about (needs --speech-model).")
+                         "is about (through --speech-model, or else transcribed by Whisper for the LLM).")
 SPEECH_MODEL_OPT = typer.Option(None, "--speech-model", help="A speech bridge directory (`polymodal train speech` "
                                 "writes one) that reads --audio into the LLM.")
 
 
 def _load(speech_model: Path | None):
-    if speech_model is None:
-        raise ValueError("--audio needs --speech-model DIR (a speech bridge: `polymodal train speech --out DIR`)")
     import polymodal
 
+    if speech_model is None:
+        from polymodal.tasks.speech_chat import TranscriptChat
+
+        say("note: no --speech-model: Whisper transcribes the speech and the LLM reads the transcript")
+        return TranscriptChat.default()
     return polymodal.load_speech_chat(speech_model)
 
 

@@ -89,7 +89,7 @@ def ask(
     json_: bool = JSON,
 ) -> None:
     """Answer one question about an image (a Flamingo: several images, a video, few-shot examples), or
-    about a clip of speech (--audio, through a speech bridge)."""
+    about a clip of speech (--audio: through --speech-model, a speech bridge, or else transcribed)."""
     if audio is not None or speech_model is not None:
         from polymodal.cli.speech import ask_audio
 
@@ -97,7 +97,7 @@ def ask(
                          json_=json_)
     args = args or []
     if not args:
-        raise ValueError("give [IMAGE] QUESTION (or --audio CLIP --speech-model DIR)")
+        raise ValueError("give [IMAGE] QUESTION (or --audio CLIP [QUESTION])")
     if len(args) > 2:
         raise ValueError(f"give [IMAGE] QUESTION, got {len(args)} arguments (quote the question)")
     question = args[-1]
@@ -135,7 +135,8 @@ def chat(
     """A terminal chat, one message per line on stdin, the answers streamed to stdout.
     Commands: /image PATH, /reset, /save PATH, /quit. With a Flamingo, /image adds an image to the
     conversation where it stands (the questions after it are about it) and /video PATH a clip.
-    With --speech-model, turns may be spoken: --audio is answered first, /audio PATH adds a spoken turn."""
+    With --audio or --speech-model, turns may be spoken: --audio is answered first, /audio PATH adds a
+    spoken turn (through the speech bridge, or without one transcribed by Whisper for the LLM)."""
     if audio is not None or speech_model is not None:
         from polymodal.cli.speech import chat_audio
 

@@ -230,5 +230,75 @@ class SpeechChatSession:
         return path
 
 
-__all__ = ["AUDIO_PLACEHOLDER", "TRANSCRIBE_PROMPT", "SpeechChat", "SpeechChatSession", "context_seconds",
-           "encode_clips", "load_speech", "speech_mel"]
+
+class TranscriptChat:
+    """The pipeline, no bridge: Whisper transcribes each spoken turn and the LLM reads the words, in
+    its chat template (a clip with a question is put to it as the speech recipe's teacher is asked:
+    ABOUT_TEACHER). The same `ask` / `chat` as SpeechChat; `polymodal ask --audio` and `chat --audio`
+    use it when no --speech-model is given. On held-out spoken sentences it scores above the small
+    bridge trained here, and is slower (MODEL_CARD.md)."""
+
+    def __init__(self, asr, vlm):
+        self.asr, self.vlm = asr, vlm
+
+    @classmethod
+    def default(cls) -> TranscriptChat:
+        """The shipped Whisper tiny.en and the default VLM's SmolLM2 (it answers as the bare LLM when
+        no image is given)."""
+        import polymodal
+
+        return cls(polymodal.load_asr(), polymodal.load_vlm())
+
+    def transcribe(self, audio) -> str:
+        _, wave = load_speech(audio)
+        return self.asr.transcribe(wave)["text"]
+
+    def ask(self, audio, question: str | None = None, **gen) -> str:
+        """The answer to a spoken question (no `question`), or to `question` about the clip."""
+        return self.chat().send(question, audio=audio, **gen)
+
+    def chat(self, audio=None, *, on_note: Callable[[str], None] | None = None, **gen) -> TranscriptChatSession:
+        return TranscriptChatSession(self, audio, on_note=on_note, **gen)
+
+
+class TranscriptChatSession:
+    """A conversation of typed and spoken turns; a spoken turn reaches the LLM as its transcript
+    (kept in the saved conversation, with the clip it came from)."""
+
+    def __init__(self, chat: TranscriptChat, audio=None, *, on_note: Callable[[str], None] | None = None, **gen):
+        self.pipeline = chat
+        self.session = chat.vlm.chat(None, on_note=on_note, **{"max_new_tokens": 64, **gen})
+        self.pending = audio
+        self.sources: list[str] = []
+
+    def reset(self) -> None:
+        self.session.reset()
+        self.sources = []
+
+    def send(self, text: str | None = None, *, audio=None, stream: Callable[[str], None] | None = None,
+             **gen) -> str:
+        """The answer to `text`, the spoken `audio` (or the clip the session was opened with), or both."""
+        from polymodal.train.speech_bridge import ABOUT_TEACHER
+
+        audio = audio if audio is not None else self.pending
+        self.pending = None
+        if audio is None:
+            return self.session.send(text, stream=stream, **gen)
+        heard = self.pipeline.transcribe(audio)
+        if not heard:
+            raise AudioError(f"{SpeechChatSession._source(audio)}: no words heard")
+        message = heard if not (text and text.strip()) else ABOUT_TEACHER.format(sentence=heard, question=text.strip())
+        self.sources.append(SpeechChatSession._source(audio))
+        return self.session.send(message, stream=stream, **gen)
+
+    def save(self, path) -> Path:
+        """The conversation as JSON (the VLM chat's transcript), with the clips the spoken turns came from."""
+        path = self.session.save(path)
+        doc = json.loads(path.read_text())
+        doc["audio"] = self.sources
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+
+__all__ = ["AUDIO_PLACEHOLDER", "TRANSCRIBE_PROMPT", "SpeechChat", "SpeechChatSession", "TranscriptChat",
+           "TranscriptChatSession", "context_seconds", "encode_clips", "load_speech", "speech_mel"]
