@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 def column_major_(module: nn.Module, *extra: Tensor) -> nn.Module:
     """Lay out every nn.Linear weight under `module`, and the `extra` weights (a tied LM head read
-    through F.linear), so that W.T is contiguous. Returns the module."""
+    through F.linear), so that W.T is contiguous. Weights on the CPU only: a GPU's kernels want
+    the usual layout. Returns the module."""
     weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)] + list(extra)
     for w in weights:
-        if w.dim() == 2 and not w.t().is_contiguous():
+        if w.device.type == "cpu" and w.dim() == 2 and not w.t().is_contiguous():
             w.data = w.data.t().contiguous().t()
     return module
 

@@ -155,8 +155,7 @@ class ASR:
     def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None, decode_threads: int | None = 1):
         self.model, self.tokenizer, self.audio_ctx = model, tokenizer, audio_ctx
         self.decode_threads = decode_threads
-        if model.decoder.token_embed.weight.device.type == "cpu":  # one token a step: stream W.T (nn/layout.py)
-            column_major_(model.decoder, model.decoder.token_embed.weight)
+        column_major_(model.decoder, model.decoder.token_embed.weight)  # one token a step: stream W.T (nn/layout.py)
         self.cfg: WhisperConfig = model.cfg
 
     @classmethod

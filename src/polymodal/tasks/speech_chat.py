@@ -230,13 +230,12 @@ class SpeechChatSession:
         return path
 
 
-
 class TranscriptChat:
     """The pipeline, no bridge: Whisper transcribes each spoken turn and the LLM reads the words, in
     its chat template (a clip with a question is put to it as the speech recipe's teacher is asked:
     ABOUT_TEACHER). The same `ask` / `chat` as SpeechChat; `polymodal ask --audio` and `chat --audio`
-    use it when no --speech-model is given. On held-out spoken sentences it scores above the small
-    bridge trained here, and is slower (MODEL_CARD.md)."""
+    use it when no --speech-model is given. Against the small bridge trained here it is slower and
+    the only one to give exact answers; the bridge does better on spoken questions (MODEL_CARD.md)."""
 
     def __init__(self, asr, vlm):
         self.asr, self.vlm = asr, vlm
