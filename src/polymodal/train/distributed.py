@@ -6,6 +6,7 @@ helper answers as a single process would (rank 0 of 1), so code needs no `if` fo
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -45,7 +46,13 @@ def init_from_env() -> torch.device:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_dist():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(_leave)  # an undestroyed group can abort a rank at exit (gloo's threads)
     return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
