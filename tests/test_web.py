@@ -15,6 +15,7 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip("needs Debian's chromium and chromium-driver (make installs them)", allow_module_level=True)
 
 from PIL import Image  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from tests.serve_helpers import LiveServer, build_collection, image_folder, tiny_clip  # noqa: E402
@@ -58,7 +59,9 @@ def browser(tmp_path_factory):
 
 
 def wait(driver, condition, timeout=30):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+    # an alert the page has not raised yet is 'not yet', like a missing element
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=[NoAlertPresentException]).until(lambda d: condition(d))
 
 
 def thumbnails_loaded(driver, selector):
