@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -66,6 +67,7 @@ from polymodal.processing.image import load_image
 from polymodal.processing.image import transform as to_tensor
 from polymodal.processing.tokenizer import Tokenizer
 from polymodal.train import distributed
+from polymodal.train.negatives import hard_negative
 
 PROBLEMS_KEPT = 1000  # the last bad samples TrainStream.problems remembers
 _OTHER_SPLIT = "in another split"  # an item passed over, not a bad sample
@@ -90,6 +92,7 @@ class _Setup:
     drop_last: bool
     shuffle_buffer: int
     split: str | None  # shards: samples whose metadata names another split are passed over
+    negatives: bool = False  # also a hard negative caption per sample (train/negatives.py)
 
     @property
     def size(self) -> int:
@@ -172,22 +175,34 @@ def _pixels(s: _Setup, epoch: int, sample_id: int, image, text: str | None) -> t
     return to_tensor(im, s.transform)  # (3, S, S)
 
 
-def _collate(s: _Setup, pixels: list, texts: list, keys: list, skipped: int) -> dict:
-    tokens = s.tokenizer(texts)
-    return {
+def _negative(s: _Setup, epoch: int, sample_id: int, text: str) -> str | None:
+    rng = random.Random(hash((s.augment_seed, epoch, sample_id)))  # the same on a resumed run
+    return hard_negative(text, rng)
+
+
+def _collate(s: _Setup, pixels: list, texts: list, keys: list, skipped: int, negatives: list) -> dict:
+    B = len(texts)
+    # a row without a negative carries its own caption in that slot, masked out by has_negative
+    tokens = s.tokenizer(texts + [n or t for n, t in zip(negatives, texts, strict=True)] if negatives else texts)
+    batch = {
         "pixels": torch.stack(pixels),  # (B, 3, S, S)
-        "input_ids": tokens["input_ids"],  # (B, L)
-        "attention_mask": tokens["attention_mask"],  # (B, L)
+        "input_ids": tokens["input_ids"][:B],  # (B, L)
+        "attention_mask": tokens["attention_mask"][:B],  # (B, L)
         "skipped": skipped,
         "keys": keys,
     }
+    if negatives:
+        batch["negative_ids"] = tokens["input_ids"][B:]  # (B, L), padded like input_ids
+        batch["negative_mask"] = tokens["attention_mask"][B:]
+        batch["has_negative"] = torch.tensor([n is not None for n in negatives])  # (B,)
+    return batch
 
 
 def _batches(s: _Setup, lid: int, state: list[int]) -> Iterator[tuple[dict, list[int], list]]:
     """Consumer `lid`'s batches forever, each with the state after it and its problems."""
     epoch, slot, offset = state
     items = _pair_items if s.kind == "pairs" else _shard_items
-    pixels, texts, keys, skipped, problems = [], [], [], 0, []
+    pixels, texts, keys, negatives, skipped, problems = [], [], [], [], 0, []
     while True:
         whole, made, position = (slot, offset) == (0, 0), 0, (slot, offset)
         for position, key, sample_id, image, text, error in items(s, epoch, lid, slot, offset):
@@ -205,15 +220,17 @@ def _batches(s: _Setup, lid: int, state: list[int]) -> Iterator[tuple[dict, list
             pixels.append(x)
             texts.append(text)
             keys.append(key)
+            if s.negatives:
+                negatives.append(_negative(s, epoch, sample_id, text))
             if len(pixels) == s.batch_size:
-                yield _collate(s, pixels, texts, keys, skipped), [epoch, *position], problems
-                pixels, texts, keys, skipped, problems = [], [], [], 0, []
+                yield _collate(s, pixels, texts, keys, skipped, negatives), [epoch, *position], problems
+                pixels, texts, keys, negatives, skipped, problems = [], [], [], [], 0, []
                 made += 1
         if pixels and not s.drop_last:
-            yield _collate(s, pixels, texts, keys, skipped), [epoch, *position], problems
+            yield _collate(s, pixels, texts, keys, skipped, negatives), [epoch, *position], problems
             skipped, problems = 0, []
             made += 1
-        pixels, texts, keys = [], [], []  # drop_last: the epoch's last, partial batch
+        pixels, texts, keys, negatives = [], [], [], []  # drop_last: the epoch's last, partial batch
         if whole and made == 0:
             raise RuntimeError(
                 f"rank {s.rank}, consumer {lid}: epoch {epoch} gave no batch of {s.batch_size}: too few "
@@ -267,7 +284,9 @@ class TrainStream:
     process). start: a `state_dict()` (or, under DDP, the list of every rank's) to resume from.
     split: keep the pairs of this split, when the records have splits (a folder: see
     `PairDataset`; shards: a sample whose metadata names another split is passed over, one
-    with no split is kept).
+    with no split is kept). negatives: each batch also holds a hard negative caption per sample
+    (`negative_ids`, `negative_mask`, `has_negative`; train/negatives.py), drawn the same way again
+    on a resumed run.
     See the module doc for how data is split and resumed.
     """
 
@@ -287,6 +306,7 @@ class TrainStream:
         start: dict | list[dict] | None = None,
         split: str | None = None,
         shuffle_buffer: int = 1000,
+        negatives: bool = False,
     ):
         rank = distributed.rank() if rank is None else rank
         world_size = distributed.world_size() if world_size is None else world_size
@@ -305,7 +325,7 @@ class TrainStream:
         self._setup = _Setup(
             kind, dataset, shards, transform, tokenizer, batch_size, seed,
             augment.seed if augment is not None and augment.seed is not None else seed,
-            rank, world_size, consumers, augment, drop_last, max(1, shuffle_buffer), split,
+            rank, world_size, consumers, augment, drop_last, max(1, shuffle_buffer), split, negatives,
         )  # fmt: skip
         if kind == "pairs":
             per = len(dataset) // total

@@ -28,6 +28,8 @@ class TrainConfig:
     split: str | None = opt("train", "train on the records of this split (when records have one)")
     augment: bool = opt(True, "random resized crops and colour jitter (no flips: captions say left/right)")
     workers: int = opt(0, "data loader worker processes (decoding and preprocessing)")
+    hard_negatives: bool = opt(False, "NegCLIP: each image is also scored against its caption with one shape, "
+                               "colour, count or relation changed (train/negatives.py)")
     # optimisation
     batch_size: int = opt(64, "global batch: the negatives of the contrastive loss")
     accum: int = opt(1, "micro-batches per step (GradCache: same gradients as the full batch)")
@@ -55,6 +57,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.batch_size % self.accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum {self.accum}")
+        if self.hard_negatives and self.accum > 1:
+            raise ValueError("hard_negatives does not work with accum > 1 (GradCache) yet")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("need steps >= 1 and batch_size >= 2 (a contrastive batch needs negatives)")
 

@@ -70,9 +70,14 @@ class ClipLoss(nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
+                negatives: Tensor | None = None, has_negative: Tensor | None = None) -> dict[str, Tensor]:
         """image_features, text_features (n, D), L2-normalised, row i a pair; logit_scale the
-        log of the multiplier (the model's parameter, clamped by the trainer)."""
+        log of the multiplier (the model's parameter, clamped by the trainer).
+
+        negatives (n, D), L2-normalised: a hard negative caption for each image (train/negatives.py,
+        NegCLIP), one more column that image i alone is scored against; has_negative (n,) bool
+        marks the rows that have one. The text-to-image term is unchanged."""
         img, txt = image_features, text_features  # (n, D)
         all_img, all_txt = img, txt
         if is_dist():
@@ -87,6 +92,15 @@ class ClipLoss(nn.Module):
             logits_per_image = scale * all_img @ all_txt.t()  # (N, N)
             logits_per_text = logits_per_image.t()  # (N, N)
             labels = torch.arange(all_img.shape[0], device=img.device)  # (N,)
+        if negatives is not None:
+            rows, neg, has = img, negatives, has_negative
+            if is_dist() and not self.local_loss:  # the rows are every rank's images
+                rows = all_img
+                neg = gather_features(neg, with_grad=self.gather_with_grad)
+                has = gather_features(has.float()[:, None], with_grad=False)[:, 0] > 0.5
+            own = scale * (rows * neg).sum(-1)  # (rows,): image i against its own negative
+            own = own.masked_fill(~has, float("-inf"))
+            logits_per_image = torch.cat([logits_per_image, own[:, None]], dim=1)  # (rows, N + 1)
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         # Logged as open_clip logs it: the multiplier exp(logit_scale), not its log.
         return {"contrastive_loss": loss, "logit_scale": scale.detach()}

@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     stream = TrainStream(cfg.data, transform=model.cfg.image_transform, tokenizer=tokenizer,
                          batch_size=local_batch, seed=cfg.seed, rank=rank(), world_size=world_size(),
                          workers=cfg.workers, augment=AugmentConfig() if cfg.augment else None,
-                         split=cfg.split, start=data_state)
+                         split=cfg.split, start=data_state, negatives=cfg.hard_negatives)
     batches = iter(stream)
     net = model
     if is_dist() and cfg.accum == 1 and not fsdp:
@@ -204,8 +204,16 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                 terms = accumulated_backward(net, loss_fn, pixels.chunk(cfg.accum), ids.chunk(cfg.accum),
                                              mask.chunk(cfg.accum))
             else:
+                B, negatives = ids.shape[0], {}
+                if cfg.hard_negatives:  # the negative captions go through the same forward, after the true ones
+                    ids = torch.cat([ids, batch["negative_ids"].to(device)])  # (2B, L)
+                    mask = torch.cat([mask, batch["negative_mask"].to(device)])
                 output = net(pixels, ids, mask, text_pooled=text_cache(ids, mask) if text_cache else None)
-                terms = loss_fn(output.image_embeds, output.text_embeds, output.logit_scale)
+                text = output.text_embeds
+                if cfg.hard_negatives:
+                    text, neg = text[:B], text[B:]
+                    negatives = {"negatives": neg, "has_negative": batch["has_negative"].to(device)}
+                terms = loss_fn(output.image_embeds, text, output.logit_scale, **negatives)
                 total_loss(terms).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
