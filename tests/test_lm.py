@@ -99,6 +99,11 @@ def test_logits_parity_on_left_padded_batch(name, root):
     assert (o.logits - r)[real].abs().max().item() <= TOL
     assert (o_eager.logits - r)[real].abs().max().item() <= TOL
     assert torch.isfinite(o.logits).all()  # padding rows too: no empty softmax row
+    with torch.no_grad():  # generation's first step: the last position's logits alone, the same values
+        last = ours(ids, attention_mask=mask, logits="last").logits
+    assert last.shape == (ids.shape[0], 1, o.logits.shape[-1]) and torch.allclose(last, o.logits[:, -1:], atol=1e-6)
+    with pytest.raises(ValueError, match="no loss"):
+        ours(ids, logits="last", targets=ids)
     # and unpadded, where transformers' defaults apply
     with torch.no_grad():
         diff = (ours(ids[:1]).logits - ref(input_ids=ids[:1]).logits).abs().max().item()

@@ -16,6 +16,7 @@ top-p), so greedy and beam outputs equal its `generate` token for token.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ class _Feeder:
         self.mask = torch.ones(B, P + max_new, dtype=mask.dtype, device=mask.device)  # (B, P + N)
         self.mask[:, :P] = mask
         self.cache = model.new_cache(B, P + max_new) if use_cache else None
+        # a model whose forward takes logits="last" (DecoderLM) projects only the position it is asked
+        # about: a prompt of P tokens otherwise costs P rows of the vocabulary product, of which one is read
+        takes = inspect.signature(getattr(model, "forward", model)).parameters
+        self.last = {"logits": "last"} if "logits" in takes else {}
 
     def first(self) -> Tensor:
         """(B, vocab) logits of the token after the prompt."""
@@ -103,7 +108,7 @@ class _Feeder:
         return self._run({"inputs_embeds": embeds}, self.prompt_len + n, None)
 
     def _run(self, inputs: dict[str, Tensor], length: int, cache) -> Tensor:
-        out = self.model(**inputs, attention_mask=self.mask[:, :length], cache=cache)
+        out = self.model(**inputs, attention_mask=self.mask[:, :length], cache=cache, **self.last)
         return out.logits[:, -1].float()  # (B, vocab)
 
     def reorder(self, index: Tensor) -> None:

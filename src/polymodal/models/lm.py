@@ -102,7 +102,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                targets: Tensor | None = None, positions: Tensor | None = None, logits: bool = True,
+                targets: Tensor | None = None, positions: Tensor | None = None, logits: bool | str = True,
                 eager: bool = False, before_block: Callable[[int, Tensor], Tensor] | None = None) -> LMOutput:
         """ids (B, T), or inputs_embeds (B, T, embed_dim) such as soft visual prompts.
 
@@ -111,7 +111,9 @@ class DecoderLM(nn.Module):
         loss predicts targets[:, t + 1] from position t. positions (B, T) overrides the ids
         computed from the mask. before_block(i, x) -> x runs before block i (Flamingo's gated
         cross-attention layers go there). logits=False skips the vocabulary projection and returns
-        the last hidden states (`LMOutput.hidden`), for a caller that scores a few positions (`head`).
+        the last hidden states (`LMOutput.hidden`), for a caller that scores a few positions (`head`);
+        logits="last" projects only the last position (B, 1, vocab): a prompt's next token, without
+        the (B, T, vocab) product of every position (generation's first step).
         """
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
@@ -142,7 +144,11 @@ class DecoderLM(nn.Module):
             x = self.project_out(x)  # (B, T, embed_dim)
         if not logits:
             return LMOutput(logits=None, hidden=x)
-        out = self.head(x)  # (B, T, vocab_size)
+        if logits == "last":
+            if targets is not None:
+                raise ValueError('logits="last" gives no loss: the loss needs every position\'s logits')
+            x = x[:, -1:]
+        out = self.head(x)  # (B, T, vocab_size), T = 1 for logits="last"
 
         loss = None
         if targets is not None:
