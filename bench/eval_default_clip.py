@@ -42,6 +42,32 @@ def synonym_search(embedder, root, style: str = "apple", k: int = 10) -> dict:
     return {"pool": len(images), "style": style, "queries": out}
 
 
+def negative_preference(embedder, root) -> dict:
+    """Each held-out scene's full description against the same with one word changed, per kind of change
+    (train/negatives.py): how often the picture scores its true caption higher (chance 0.5)."""
+    import random
+    from pathlib import Path
+
+    from polymodal.train.negatives import KINDS, hard_negative
+
+    first: dict[str, str] = {}
+    with open(Path(root) / "captions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == "test":
+                first.setdefault(row["image"], row["text"])  # a scene's first caption names every object
+    images = list(first)
+    vectors = embedder.encode_image([str(Path(root) / i) for i in images])
+    rng, right = random.Random(0), {k: [] for k in KINDS}
+    for vector, image in zip(vectors, images, strict=True):
+        for kind in KINDS:
+            negative = hard_negative(first[image], rng, kinds=[kind])
+            if negative is not None:
+                true, false = embedder.encode_text([first[image], negative]) @ vector
+                right[kind].append(bool(true > false))
+    return {k: {"pairs": len(v), "true_wins": float(np.mean(v))} for k, v in right.items() if v}
+
+
 def main() -> None:
     import polymodal
     from polymodal.tasks.evaluate import evaluate_folder
@@ -82,6 +108,7 @@ def main() -> None:
     figures["scenes_count"] = summary(evaluate_folder(
         embedder, args.scenes, split="test", label_key="count", templates=("{} shapes", "{} objects"),
         label_names={"1": "one", "2": "two", "3": "three", "4": "four"}), True)
+    figures["scenes_negatives"] = negative_preference(embedder, args.scenes)
     print(json.dumps(figures, indent=1))
 
 

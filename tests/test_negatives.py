@@ -55,6 +55,10 @@ def test_negative_grammar_relations_and_nothing_to_change():
         "a red square left of a blue circle"
     flips = {hard_negative("a star above a circle", random.Random(s)) for s in range(40)}
     assert "a star below a circle" in flips
+    only = {hard_negative("two red circles left of a blue square", random.Random(s), kinds=["relation"])
+            for s in range(5)}
+    assert only == {"two red circles right of a blue square"}
+    assert hard_negative("a red circle", rng, kinds=["relation"]) is None
     assert hard_negative("an emoji of a grinning face", rng) is None
     assert hard_negative("", rng) is None
     a = [hard_negative("two red circles left of a blue square", random.Random(3)) for _ in range(2)]

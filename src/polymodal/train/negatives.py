@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -50,15 +51,16 @@ def _edits(words: list[str]) -> list[tuple[str, int]]:
     return edits
 
 
-def hard_negative(text: str, rng: random.Random) -> str | None:
+def hard_negative(text: str, rng: random.Random, kinds: Collection[str] | None = None) -> str | None:
     """`text` with one shape, colour, count or relation changed, or None when it has none of them.
 
     The kind of change is drawn first, uniformly among those the caption allows, then the word.
     Counts keep the grammar: 'one shape' -> 'three shapes', 'two red circles' -> 'one red circle'.
+    kinds: only these kinds of change ("shape", "colour", "count", "relation"), e.g. to measure each.
     """
     parts = _WORD.split(text)  # odd indices are the matched words
     words = parts[1::2]
-    edits = _edits(words)
+    edits = [(k, i) for k, i in _edits(words) if kinds is None or k in kinds]
     if not edits:
         return None
     kinds = sorted({k for k, _ in edits})  # a kind first, so four colour words do not crowd out one count
@@ -84,4 +86,6 @@ def hard_negative(text: str, rng: random.Random) -> str | None:
     return "".join(parts)
 
 
-__all__ = ["hard_negative", "SHAPES", "COLOURS", "COUNTS", "FLIPS"]
+KINDS = ("shape", "colour", "count", "relation")
+
+__all__ = ["hard_negative", "KINDS", "SHAPES", "COLOURS", "COUNTS", "FLIPS"]
