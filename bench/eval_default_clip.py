@@ -21,6 +21,16 @@ SYNONYMS = {  # a query no caption contains -> words of the emoji names it shoul
 TEMPLATES = ("{}", "an emoji of {}", "a picture of {}")
 
 
+def emoji_hierarchy(root) -> dict[str, list[str]]:
+    """Each emoji category's subcategories, in words ("animals-nature": ["animal bird", ...])."""
+    subs: dict[str, set[str]] = {}
+    with open(f"{root}/captions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            subs.setdefault(row["category"], set()).add(row["subcategory"].replace("-", " "))
+    return {c: sorted(s) for c, s in subs.items()}
+
+
 def synonym_search(embedder, root, style: str = "apple", k: int = 10) -> dict:
     """For each query: is any image whose name holds one of its words in the top k, and how many."""
     from polymodal.data.pairs import PairDataset
@@ -88,11 +98,16 @@ def main() -> None:
                 out["per_class"] = report["zero_shot"].per_class
         return out
 
-    figures: dict = {"emoji_heldout": {}, "emoji_names": {}}
+    figures: dict = {"emoji_heldout": {}, "emoji_heldout_subcategories": {}, "emoji_names": {}}
+    hierarchy = emoji_hierarchy(args.emoji)
     for style in ("google", "twitter", "openmoji", "apple"):
         where = {"style": style} if style != "apple" else {"style": "apple", "heldout": "True"}
         figures["emoji_heldout"][style] = summary(evaluate_folder(
             embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where=where), True)
+        # the same, each category also named by its subcategories (CHiLS)
+        figures["emoji_heldout_subcategories"][style] = summary(evaluate_folder(
+            embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where=where,
+            subclasses=hierarchy), True)
         figures["emoji_names"][style] = summary(evaluate_folder(
             embedder, args.emoji, split="test", label_key=None, where=where, text_key="name"))
     figures["emoji_apple_all"] = summary(evaluate_folder(

@@ -52,6 +52,19 @@ def test_the_default_vlm_refers_to_its_frozen_towers(vlm):
     assert vlm.chat_template is not None and vlm.model.cfg.lm.layers == 30
 
 
+def test_the_tokenizer_comes_from_the_llms_gguf_file(vlm, scenes, tmp_path):
+    """SmolLM2's tokenizer is read from its GGUF file, not kept again (3.5 MB) beside the Q-Former."""
+    from polymodal.checkpoints.vlm_io import default_vlm_dir, save_vlm
+
+    assert not (default_vlm_dir() / "tokenizer.json").exists()
+    assert vlm.tokenizer.encode("<|im_start|>user") == [1, 4093]  # the control token whole
+    save_vlm(vlm.model, tmp_path / "again", vlm.tokenizer, vlm.chat_template)
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
+    again, image = polymodal.load_vlm(tmp_path / "again"), scenes / "images" / "00000.png"
+    assert again.ask(image, "What colour is the shape?", max_new_tokens=6) == vlm.ask(
+        image, "What colour is the shape?", max_new_tokens=6)
+
+
 def test_colour_answers_stay_above_their_floor(vlm, scenes):
     questions = list(colour_questions(scenes))
     assert len(questions) >= 10

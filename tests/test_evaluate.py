@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polymodal.tasks.evaluate import class_embeddings, recall_at_k, zero_shot
+from polymodal.tasks.evaluate import class_embeddings, class_scores, recall_at_k, zero_shot
 from polymodal.train.config import TrainConfig
 from polymodal.train.trainer import lr_at
 
@@ -33,7 +33,7 @@ class FakeEmbedder:
     classes = ["cat", "dog", "car"]
 
     def encode_text(self, texts):
-        out = np.zeros((len(texts), 3), np.float32)
+        out = np.zeros((len(texts), len(self.classes)), np.float32)
         for i, t in enumerate(texts):
             out[i, [c in t for c in self.classes].index(True)] = 1
         return out
@@ -49,6 +49,24 @@ def test_zero_shot_accuracy_and_confusion():
     assert res.predictions == ["cat", "dog", "car", "dog"]
     with pytest.raises(ValueError, match="not among the classes"):
         zero_shot(e, images, ["cat", "dog", "car", "bird"], classes=e.classes)
+
+
+class WordEmbedder(FakeEmbedder):
+    classes = ["animal", "vehicle", "cat", "car"]
+
+
+def test_a_class_is_found_through_its_subclasses_names():
+    e = WordEmbedder()
+    # near "cat" and a little towards "vehicle", near "car" and a little towards "animal": the
+    # broad names alone get both wrong
+    images = np.array([[0, 0.1, 1, 0], [0.1, 0, 0, 1]], np.float32)
+    assert zero_shot(e, images, ["animal", "vehicle"], classes=["animal", "vehicle"]).accuracy == 0.0
+    hierarchy = {"animal": ["cat"], "vehicle": ["car"]}
+    res = zero_shot(e, images, ["animal", "vehicle"], classes=["animal", "vehicle"], subclasses=hierarchy)
+    assert res.accuracy == 1.0 and res.predictions == ["animal", "vehicle"]
+    # the score is the best of the class's own prompt and its subclasses'
+    np.testing.assert_allclose(class_scores(e, images, ["animal", "vehicle"], subclasses=hierarchy),
+                               [[1, 0.1], [0.1, 1]], atol=1e-6)
 
 
 def test_lr_schedule_warmup_then_cosine():

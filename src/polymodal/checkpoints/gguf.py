@@ -261,8 +261,6 @@ def convert_gguf(src: str | Path, dst: str | Path) -> Path:
     return save_lm(model, dst, tokenizer, chat_template)
 
 
-
-
 def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False

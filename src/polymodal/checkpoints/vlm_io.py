@@ -1,7 +1,8 @@
 """BLIP-2 as a chat / caption model: our own directory format, and reading transformers' one.
 
 Own format: `config.json` (Blip2Config, model_type "blip2"), `model.safetensors`, the tokenizer
-files (`Tokenizer.save`) and `chat_template.jinja` when the LLM has one. `load_vlm_checkpoint`
+files (`Tokenizer.save`; left out when the LLM is referenced as a GGUF file, which carries its own
+tokenizer) and `chat_template.jinja` when the LLM has one. `load_vlm_checkpoint`
 also reads a transformers Blip2ForConditionalGeneration directory (see hf_blip2.py) with its
 tokenizer. `processing/tokenizer.load_tokenizer` reads CLIP BPE and WordPiece only, so a
 GPT-2-style byte-level BPE `tokenizer.json` (OPT, Llama 3, Qwen2) is wrapped here as it is,
@@ -24,9 +25,14 @@ REFERENCES = "references.json"  # what the referenced frozen parts were, checked
 def save_vlm(model, directory: str | Path, tokenizer: Tokenizer, chat_template: str | None = None) -> Path:
     """Write config.json, model.safetensors, the tokenizer files and chat_template.jinja (if any).
     A frozen part the config refers to (`vision_weights`, `lm_weights`) is left out of
-    model.safetensors; references.json records the referenced vision file's SHA-256."""
+    model.safetensors, and so is the tokenizer of a referenced GGUF LLM (read back from the file);
+    references.json records the referenced vision file's SHA-256."""
+    from polymodal.checkpoints.gguf import is_gguf
+
     cfg = model.cfg
     state = {k: v for k, v in model.state_dict().items() if _referenced_part(cfg, k) is None}
+    if cfg.lm_weights and is_gguf(lm_file(cfg.lm_weights)):
+        tokenizer = None
     directory = write_checkpoint(directory, cfg, state, tokenizer)
     write_chat_template(directory, chat_template)
     refs = {}
@@ -117,13 +123,13 @@ def lm_file(ref: str) -> Path:
     return found[0]
 
 
-def referenced_state(cfg, directory: Path) -> dict:
+def referenced_parts(cfg, directory: Path) -> tuple[dict, Tokenizer | None]:
     """The weights of the frozen parts `cfg` refers to, keyed as in the model ("visual.*", "lm.*"),
-    checked against what the model was trained with."""
+    checked against what the model was trained with; and the referenced LLM's tokenizer, if any."""
     from polymodal.checkpoints.gguf import load_lm
 
     refs = json.loads((directory / REFERENCES).read_text()) if (directory / REFERENCES).is_file() else {}
-    state = {}
+    state, tokenizer = {}, None
     if cfg.vision_weights:
         path = vision_file(cfg.vision_weights)
         want = refs.get("vision", {}).get("sha256")
@@ -133,18 +139,16 @@ def referenced_state(cfg, directory: Path) -> dict:
         clip = read_state_dict(path)
         state.update({k: v for k, v in clip.items() if k.startswith("visual.")})
     if cfg.lm_weights:
-        lm, _, _ = load_lm(lm_file(cfg.lm_weights))
+        lm, tokenizer, _ = load_lm(lm_file(cfg.lm_weights))
         if lm.cfg != cfg.lm:
             raise CheckpointError(f"{directory}: {cfg.lm_weights} is not the language model this VLM was trained on")
         state.update({f"lm.{k}": v for k, v in lm.state_dict().items()})
-    return state
+    return state, tokenizer
 
 
 def is_own_vlm(directory: Path) -> bool:
     cfg = directory / "config.json"
     return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "blip2"
-
-
 
 
 def hf_bpe_tokenizer(directory: Path, cfg: Blip2Config) -> Tokenizer:
@@ -176,9 +180,14 @@ def load_vlm_checkpoint(path: str | Path):
         cfg = config_from_dict(json.loads((p / "config.json").read_text()))
         if cfg.lm is None:
             raise CheckpointError(f"{p}: a stage-1 BLIP-2 (no language model) cannot caption or chat")
-        state = {**read_state_dict(p / "model.safetensors"), **referenced_state(cfg, p)}
-        model = load_exact(Blip2(cfg), state, str(p)).eval()
-        tokenizer = load_tokenizer(p)
+        referenced, lm_tokenizer = referenced_parts(cfg, p)
+        model = load_exact(Blip2(cfg), {**read_state_dict(p / "model.safetensors"), **referenced}, str(p)).eval()
+        if (p / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(p)
+        elif lm_tokenizer is not None:
+            tokenizer = lm_tokenizer
+        else:
+            raise CheckpointError(f"{p}: no tokenizer.json, and its language model brings none")
     elif is_hf_blip2(p):
         model = load_hf_blip2(p)
         if not isinstance(model, Blip2):

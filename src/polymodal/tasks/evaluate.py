@@ -3,6 +3,9 @@
 Zero-shot (Radford et al. 2021, section 3.1.4): each class name goes through several prompt
 templates; the class embedding is the mean of the L2-normalised template embeddings,
 normalised again (prompt ensembling); an image is assigned its most similar class.
+With a label hierarchy (CHiLS, Novack et al. 2023), a class also speaks through its subclasses'
+names ("animals-nature": "animal mammal", "animal bird", ...): its score is the best of its own
+prompt and theirs, so a broad category is found through the narrow words an image sits near.
 Retrieval: recall@k, image->text (any of the image's captions in the top k) and
 text->image (the caption's image in the top k).
 """
@@ -27,6 +30,23 @@ def class_embeddings(embedder: Embedder, classes: Sequence[str], templates: Sequ
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
+def class_scores(embedder: Embedder, image_embeds: np.ndarray, classes: Sequence[str],
+                 templates: Sequence[str] = TEMPLATES,
+                 subclasses: dict[str, Sequence[str]] | None = None) -> np.ndarray:
+    """(N, C) image-class similarities; with `subclasses`, each class scores the maximum over its
+    own name and its subclasses' names."""
+    if not subclasses:
+        return image_embeds @ class_embeddings(embedder, classes, templates).T
+    names, owner = [], []
+    for c, cls in enumerate(classes):
+        for name in dict.fromkeys([cls, *subclasses.get(cls, ())]):
+            names.append(name)
+            owner.append(c)
+    sim = image_embeds @ class_embeddings(embedder, names, templates).T  # (N, names)
+    owner = np.asarray(owner)
+    return np.stack([sim[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
+
+
 @dataclass
 class ZeroShotResult:
     accuracy: float
@@ -41,14 +61,16 @@ class ZeroShotResult:
 
 
 def zero_shot(embedder: Embedder, image_embeds: np.ndarray, labels: Sequence[str],
-              classes: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES) -> ZeroShotResult:
-    """Accuracy of assigning each image (its embedding) to the nearest class embedding."""
+              classes: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES,
+              subclasses: dict[str, Sequence[str]] | None = None) -> ZeroShotResult:
+    """Accuracy of assigning each image (its embedding) to the nearest class embedding (through
+    its subclasses' names too, when given: `class_scores`)."""
     classes = sorted(set(labels)) if classes is None else list(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ValueError(f"labels not among the classes: {unknown[:5]}")
-    pred = (image_embeds @ class_embeddings(embedder, classes, templates).T).argmax(axis=1)  # (N,)
+    pred = class_scores(embedder, image_embeds, classes, templates, subclasses).argmax(axis=1)  # (N,)
     true = np.array([index[label] for label in labels])
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
@@ -80,6 +102,7 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: S
 def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", label_key: str | None = "category",
                     templates: Sequence[str] = TEMPLATES, where: dict[str, str] | None = None,
                     text_key: str | None = None, label_names: dict[str, str] | None = None,
+                    subclasses: dict[str, Sequence[str]] | None = None,
                     progress: bool = False, on_error=None) -> dict:
     """Retrieval over the images and captions of a split of a folder data set and, when its
     records carry `label_key`, zero-shot accuracy over the labels found.
@@ -87,6 +110,7 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     where: keep only records whose fields equal these values (compared as strings, e.g.
     {"style": "apple"}). text_key: query with this record field (e.g. "name") instead of the
     captions, once per image. label_names: the words prompts use for labels ({"2": "two"}).
+    subclasses: a label's narrower names, scored with it (`class_scores`).
     Bad images are skipped (reported to `on_error`) and counted."""
     from polymodal.data.pairs import PairDataset
 
@@ -113,5 +137,6 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
             labels.setdefault(p.image, (label_names or {}).get(label, label))
     if labels and len(labels) == len(position):
         ordered = sorted(position, key=position.get)
-        report["zero_shot"] = zero_shot(embedder, result.vectors, [labels[i] for i in ordered], templates=templates)
+        report["zero_shot"] = zero_shot(embedder, result.vectors, [labels[i] for i in ordered], templates=templates,
+                                         subclasses=subclasses)
     return report
