@@ -31,6 +31,24 @@ def emoji_hierarchy(root) -> dict[str, list[str]]:
     return {c: sorted(s) for c, s in subs.items()}
 
 
+def name_ceiling(embedder, root, hierarchy) -> dict:
+    """Zero-shot category accuracy of the held-out emoji's *names* ("an emoji of {name}") through the
+    text tower: what a vision tower that put every image exactly on its name would score."""
+    from polymodal.tasks.evaluate import zero_shot
+
+    names: dict[str, str] = {}
+    with open(f"{root}/captions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] == "test" and row["style"] == "google":
+                names[row["name"]] = row["category"]
+    vectors = embedder.encode_text([f"an emoji of {n}" for n in names])
+    labels = list(names.values())
+    return {"names": len(names), "category_prompts": zero_shot(embedder, vectors, labels, templates=TEMPLATES).accuracy,
+            "with_subcategories": zero_shot(embedder, vectors, labels, templates=TEMPLATES,
+                                            subclasses=hierarchy).accuracy}
+
+
 def synonym_search(embedder, root, style: str = "apple", k: int = 10) -> dict:
     """For each query: is any image whose name holds one of its words in the top k, and how many."""
     from polymodal.data.pairs import PairDataset
@@ -112,6 +130,7 @@ def main() -> None:
             embedder, args.emoji, split="test", label_key=None, where=where, text_key="name"))
     figures["emoji_apple_all"] = summary(evaluate_folder(
         embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where={"style": "apple"}), True)
+    figures["emoji_name_ceiling"] = name_ceiling(embedder, args.emoji, hierarchy)
     figures["synonyms"] = synonym_search(embedder, args.emoji)
     figures["clipart_subjects"] = summary(evaluate_folder(embedder, args.clipart, split="test", label_key=None,
                                                           text_key="name"))
