@@ -12,7 +12,8 @@ temperature fallback, no conditioning on the previous window, no voice-activity 
   - transformers: WhisperForConditionalGeneration on our weights (`to_transformers`), long-form
     `generate(return_timestamps=True)` over the whole recording; short clips batched 8 at a time;
   - faster-whisper: `WhisperModel(model.bin's directory, compute_type=float32 | int8)`, one clip
-    at a time (its WhisperModel has no batching without VAD).
+    at a time (its WhisperModel has no batching without VAD), in a child process (`FasterWhisper`
+    says why), on the same number of threads.
 Speed is seconds of audio per second of wall time (median of --repeats, contenders alternated);
 ratios are polymodal / contender. Word error rate is against the sentences spoken.
 faster-whisper is a bench-only extra: `pip install faster-whisper` (skipped when missing).
@@ -69,6 +70,47 @@ def make_data(root: Path, long_sentences: int, clips: int, gap: float = 6.0):
     long = root / "long.wav"
     sf.write(long, np.concatenate(parts), 16000)
     return long, " ".join(refs), clip_paths, clip_refs
+
+
+def _faster_whisper_worker(conn, model_dir: str, kind: str, threads: int, long: str, clips: list[str]) -> None:
+    from faster_whisper import WhisperModel
+
+    fw = WhisperModel(model_dir, device="cpu", compute_type=kind, cpu_threads=threads)
+    opts = dict(beam_size=1, temperature=0.0, condition_on_previous_text=False, vad_filter=False, language="en")
+    while (task := conn.recv()) is not None:  # None: the parent is done
+        if task == "long":
+            conn.send(" ".join(s.text.strip() for s in fw.transcribe(long, **opts)[0]).strip())
+        else:
+            conn.send([" ".join(s.text.strip() for s in fw.transcribe(p, without_timestamps=True, **opts)[0])
+                       for p in clips])
+
+
+class FasterWhisper:
+    """faster-whisper in a child process. In this one, once CTranslate2's own OpenMP threads had run,
+    torch's ran slower for the rest of the process (the same polymodal transcription: 4.6 s before a
+    faster-whisper run, 5.5-6.4 s after, with ten times the system time), so every contender after
+    it paid for it. The pipe costs a few milliseconds a call."""
+
+    def __init__(self, model_dir, kind: str, threads: int, long: Path, clips: list[Path]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_faster_whisper_worker, daemon=True,
+                                args=(child, str(model_dir), kind, threads, str(long), [str(p) for p in clips]))
+        self.proc.start()
+
+    def long(self) -> str:
+        self.conn.send("long")
+        return self.conn.recv()
+
+    def clips(self) -> list[str]:
+        self.conn.send("clips")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=10)
 
 
 def seconds_of(paths) -> float:
@@ -136,22 +178,14 @@ def main() -> None:
 
     contenders = {"polymodal": (ours_long, ours_clips), "polymodal audio_ctx=10": (None, lambda: ours_clips(10.0)),
                   "transformers": (hf_long, hf_clips)}
+    workers: list[FasterWhisper] = []
     try:
-        from faster_whisper import WhisperModel
+        import faster_whisper  # noqa: F401  (only to know it is there; it runs in a child process)
 
         for kind in ("float32", "int8"):
-            fw = WhisperModel(str(model_dir), device="cpu", compute_type=kind, cpu_threads=args.threads)
-            opts = dict(beam_size=1, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
-                        language="en")
-
-            def fw_long(fw=fw, opts=opts):
-                return " ".join(s.text.strip() for s in fw.transcribe(str(long), **opts)[0]).strip()
-
-            def fw_clips(fw=fw, opts=opts):
-                return [" ".join(s.text.strip() for s in fw.transcribe(str(p), without_timestamps=True, **opts)[0])
-                        for p in clips]
-
-            contenders[f"faster-whisper {kind}"] = (fw_long, fw_clips)
+            worker = FasterWhisper(model_dir, kind, args.threads, long, clips)
+            contenders[f"faster-whisper {kind}"] = (worker.long, worker.clips)
+            workers.append(worker)
     except ImportError:
         print("faster-whisper is not installed: `pip install faster-whisper` to compare (skipped)")
 
@@ -164,6 +198,7 @@ def main() -> None:
             for kind, fn in (("long", fl), ("clips", fc)):
                 if fn is None:
                     continue
+                time.sleep(0.5)  # let the last contender's threads (another process's too) go idle
                 t0 = time.perf_counter()
                 result = fn()
                 dt = time.perf_counter() - t0
@@ -189,6 +224,8 @@ def main() -> None:
             print(f"{name:28s} {kind:6s} {audio_s / t:10.2f} {t / base:12.2f} {wer:6.3f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    for worker in workers:
+        worker.close()
     shutil.rmtree(root, ignore_errors=True)
 
 

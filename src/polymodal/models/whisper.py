@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from polymodal.config import WhisperConfig
 from polymodal.models.lm import IGNORE_INDEX
-from polymodal.nn import Block, KVCache
+from polymodal.nn import Block, KVCache, split_linear
 
 
 @dataclass
@@ -93,6 +93,10 @@ class WhisperDecoder(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
 
     def forward(self, ids: Tensor, context: Tensor, *, cache: KVCache | None = None, eager: bool = False) -> Tensor:
+        return F.linear(self.states(ids, context, cache=cache, eager=eager), self.token_embed.weight)
+
+    def states(self, ids: Tensor, context: Tensor, *, cache: KVCache | None = None, eager: bool = False) -> Tensor:
+        """The final hidden states (B, T, width) that the logits read."""
         B, T = ids.shape
         past = cache.length() if cache is not None else 0
         if past + T > self.cfg.max_target_positions:
@@ -100,8 +104,7 @@ class WhisperDecoder(nn.Module):
         x = self.token_embed(ids) + self.pos_embed[past:past + T]  # (B, T, width)
         for i, block in enumerate(self.blocks):
             x = block(x, context, causal=True, cache=cache, layer=i, eager=eager)
-        x = self.norm(x)
-        return F.linear(x, self.token_embed.weight)  # (B, T, vocab_size)
+        return self.norm(x)
 
 
 class Whisper(nn.Module):
@@ -166,7 +169,10 @@ class WhisperDecoding:
             raise ValueError("Whisper prompts are never padded: give every row the same prompt length")
         if self.context.shape[0] != ids.shape[0]:
             self._bind(ids.shape[0])
-        return WhisperOutput(logits=self.model.decoder(ids, self.context, cache=cache))
+        decoder = self.model.decoder
+        h = decoder.states(ids, self.context, cache=cache)
+        # the logits in blocks over torch's threads (nn/layout.py): a step's largest product
+        return WhisperOutput(logits=split_linear(h, decoder.token_embed.weight, min(torch.get_num_threads(), 2)))
 
     def close(self) -> None:
         self.context = self.states
@@ -196,36 +202,35 @@ def logits_rules(cfg: WhisperConfig, timestamps: bool):
         scores = scores.clone()
         n = history.shape[1]
         if n == 0 and begin.numel():
-            scores[:, begin.to(scores.device)] = neg
+            scores.index_fill_(1, begin.to(scores.device), neg)
         if suppress.numel():
-            scores[:, suppress.to(scores.device)] = neg
+            scores.index_fill_(1, suppress.to(scores.device), neg)
         if not timestamps:
             return scores
         scores[:, no_ts] = neg
-        V = scores.shape[-1]
-        vocab = torch.arange(V, device=scores.device)
+        stamps = scores[:, ts:]  # a view: the timestamp tokens
         lows = []
         for r, seq in enumerate(history.tolist()):
             last = n >= 1 and seq[-1] >= ts
             penultimate = n < 2 or seq[-2] >= ts
             if last:
                 if penultimate:
-                    scores[r, ts:] = neg  # a pair is complete: text must follow
+                    stamps[r] = neg  # a pair is complete: text must follow
                 else:
                     scores[r, :eos] = neg  # an opening timestamp: its closing one (or the end) follows
-            stamps = [t for t in seq if t >= ts]
+            stamps_so_far = [t for t in seq if t >= ts]
             low = ts
-            if stamps:
-                low = stamps[-1] if last and not penultimate else stamps[-1] + 1
-            lows.append(low)
-        low = torch.tensor(lows, device=scores.device)[:, None]
-        scores.masked_fill_((vocab >= ts) & (vocab < low), neg)  # never back in time
+            if stamps_so_far:
+                low = stamps_so_far[-1] if last and not penultimate else stamps_so_far[-1] + 1
+            lows.append(low - ts)
+        offsets = torch.arange(stamps.shape[1], device=scores.device)
+        stamps.masked_fill_(offsets < torch.tensor(lows, device=scores.device)[:, None], neg)  # never back in time
         if n == 0:
             scores[:, :ts] = neg
             if cfg.max_initial_timestamp_index is not None:
-                scores[:, ts + cfg.max_initial_timestamp_index + 1:] = neg
-        logp = F.log_softmax(scores.float(), dim=-1)
-        pick_time = logp[:, ts:].logsumexp(-1) > logp[:, :ts].max(-1).values  # (R,)
+                stamps[:, cfg.max_initial_timestamp_index + 1:] = neg
+        # timestamps together likelier than any text token; log-softmax's normaliser is on both sides
+        pick_time = stamps.float().logsumexp(-1) > scores[:, :ts].float().max(-1).values  # (R,)
         scores[:, :ts] = scores[:, :ts].masked_fill(pick_time[:, None], neg)
         return scores
 

@@ -11,9 +11,14 @@ loaded whole) and decoded with timestamps, OpenAI's way: the window's complete s
 kept, and the next window starts at the last complete timestamp, so no word is cut in two.
 A window whose level is below -60 dBFS is silence and is skipped without running the model.
 
-On a CPU the encoder runs on torch's threads and the decoder on `decode_threads` (1 by default):
-each decoding step is a chain of tiny matrix products (one token), where waking a second thread
-costs more than it saves, badly so on a loaded machine (measured in bench/transcribe.py).
+On a CPU the encoder runs on torch's threads and the decoder on `decode_threads`. A decoding step
+is a chain of one-row products: most gain nothing from a second thread (MKL runs them on one), but
+the largest, the logits, is split in two blocks of the vocabulary (nn/layout.py's `split_linear`)
+and cross-attention's heads are shared out: on a quiet 2-core machine two threads decode about 15%
+faster than one. With another job on the machine they decode nearly 2x slower (OpenMP threads
+waiting on a descheduled peer: 7.3 s against 4.0 s on 60 s of talk). So by default ("auto") each
+window measures, over its encoder run, how many cores the rest of the machine kept busy
+(`CoreMeter`, Linux's /proc/stat) and decodes on two threads only when two are free.
 
 `audio_ctx` (opt-in, whisper.cpp's name; here in seconds) trims the encoder's context of a short
 clip from 30 s to max(audio_ctx, the clip + 1 s): the encoder's cost falls with its length. Cut
@@ -24,6 +29,8 @@ accuracy on short clips (see MODEL_CARD.md).
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +41,7 @@ from torch import Tensor
 
 from polymodal.generation import GenerationConfig, generate
 from polymodal.models.whisper import Whisper, WhisperConfig, logits_rules
-from polymodal.nn import column_major_
+from polymodal.nn import one_row_layout_
 from polymodal.processing.audio import (
     AUDIO_SUFFIXES,
     HOP,
@@ -149,13 +156,47 @@ def _threads(n: int | None, device: torch.device):
         torch.set_num_threads(before)
 
 
-class ASR:
-    """A Whisper model with its tokenizer: `transcribe`, `transcribe_folder`."""
+class CoreMeter:
+    """How many cores other processes kept busy between two calls of `others()`: the machine's busy
+    time (/proc/stat) less this process's CPU time, over the wall time between. None where
+    /proc/stat cannot be read (not Linux), or on the first call."""
 
-    def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None, decode_threads: int | None = 1):
+    def __init__(self):
+        self.last = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        return busy, own.user + own.system, time.monotonic()
+
+    def others(self) -> float | None:
+        now, then = self._sample(), self.last
+        self.last = now
+        if now is None or then is None or now[2] - then[2] < 0.05:  # too short to count clock ticks in
+            return None
+        return max(0.0, (now[0] - then[0]) - (now[1] - then[1])) / (now[2] - then[2])
+
+
+class ASR:
+    """A Whisper model with its tokenizer: `transcribe`, `transcribe_folder`.
+
+    decode_threads: "auto" (two threads when the rest of the machine leaves two cores free, else
+    one; see the module's notes), or a fixed number, or None for torch's own setting."""
+
+    def __init__(self, model: Whisper, tokenizer, *, audio_ctx: float | None = None,
+                 decode_threads: int | str | None = "auto"):
+        if not (decode_threads in ("auto", None) or isinstance(decode_threads, int) and decode_threads > 0):
+            raise ValueError(f'decode_threads must be "auto", a positive number or None, not {decode_threads!r}')
         self.model, self.tokenizer, self.audio_ctx = model, tokenizer, audio_ctx
         self.decode_threads = decode_threads
-        column_major_(model.decoder, model.decoder.token_embed.weight)  # one token a step: stream W.T (nn/layout.py)
+        self._meter = CoreMeter()
+        one_row_layout_(model.decoder, model.decoder.token_embed.weight)  # one token a step (nn/layout.py)
         self.cfg: WhisperConfig = model.cfg
 
     @classmethod
@@ -192,14 +233,24 @@ class ASR:
         ids = torch.tensor([prefix] * mel.shape[0], device=mel.device)
         gen = GenerationConfig(max_new_tokens=max_new, num_beams=num_beams, eos_token_id=cfg.eos_token_id,
                                logits_hook=logits_rules(cfg, timestamps))
+        self._meter.others()  # the next reading covers the encoder's run
         states = self.model.encode(mel)
-        with self.model.decoding(states) as decoding, _threads(self.decode_threads, mel.device):
+        with self.model.decoding(states) as decoding, _threads(self._decode_threads(), mel.device):
             out = generate(decoding, ids, config=gen)
         rows = []
         for row, n in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True):
             row = row[:n]
             rows.append(row[:-1] if row and row[-1] == cfg.eos_token_id else row)
         return rows
+
+    def _decode_threads(self) -> int | None:
+        if self.decode_threads != "auto":
+            return self.decode_threads
+        free = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        others = self._meter.others()
+        if others is None:
+            return 1  # unknown: one thread is never far from the best, two can be 2x off
+        return 2 if free - others >= 1.75 and torch.get_num_threads() >= 2 else 1
 
     def _short(self, audios: list[np.ndarray], timestamps: bool, num_beams: int,
                audio_ctx: float | None) -> list[dict]:
