@@ -134,7 +134,7 @@ def test_one_row_layout_splits_widening_linears_and_keeps_outputs():
     head = torch.nn.Parameter(torch.randn(50, 32))
     x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    y = F.linear(block(x, ctx), head)
+    y, y1 = F.linear(block(x, ctx), head), F.linear(block(x[:, :1], ctx), head)  # y1: one token, as a decoder step
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # split_linear reads two blocks on two threads
     try:
@@ -147,7 +147,11 @@ def test_one_row_layout_splits_widening_linears_and_keeps_outputs():
         for name, w in block.state_dict().items():
             assert torch.equal(w, before[name]), name
         assert head.t().is_contiguous()
-        torch.testing.assert_close(F.linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
+        with torch.no_grad():  # the split products (the views kept between calls)
+            torch.testing.assert_close(F.linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
+            torch.testing.assert_close(F.linear(block(x[:, :1], ctx), head), y1, atol=1e-5, rtol=0)
+        F.linear(block(x, ctx), head).sum().backward()  # with gradients: plain Linears, which train
+        assert all(p.grad is not None for p in block.parameters())
         torch.testing.assert_close(split_linear(x, head, 2), F.linear(x, head), atol=1e-5, rtol=0)
         odd = torch.randn(51, 32).t().contiguous().t()  # 51 columns do not split in two: one product
         torch.testing.assert_close(split_linear(x, odd, 2), F.linear(x, odd), atol=0, rtol=0)

@@ -33,29 +33,52 @@ def _transpose_storage(w: Tensor) -> None:
         w.data = w.data.t().contiguous().t()
 
 
-def split_linear(x: Tensor, weight: Tensor, parts: int) -> Tensor:
-    """F.linear(x, weight) (no bias) for a column-major weight (out, in), computed as `parts` products
-    over blocks of its output columns, in one torch.bmm on strided views of the weight (no copy).
-    x (..., in) -> (..., out). Any other weight, or `out` not divisible by `parts`: F.linear."""
+def split_linear(x: Tensor, weight: Tensor, parts: int, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for a column-major weight (out, in), computed as `parts` products
+    over blocks of its output columns, in one batched product on strided views of the weight (no
+    copy). x (..., in) -> (..., out). Any other weight, or `out` not divisible by `parts`: F.linear."""
+    blocks = _column_blocks(weight, parts) if x.device.type == "cpu" else None
+    if blocks is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _blocks_product(x, blocks, None if bias is None else bias.view(parts, 1, -1))
+
+
+def _column_blocks(weight: Tensor, parts: int) -> Tensor | None:
+    """(parts, in, out / parts) views of a column-major weight: block p holds columns p * n .. (p + 1) * n."""
     out_f, in_f = weight.shape
     wt = weight.t()
-    if parts < 2 or out_f % parts or not wt.is_contiguous() or x.device.type != "cpu":
-        return torch.nn.functional.linear(x, weight)
+    if parts < 2 or out_f % parts or not wt.is_contiguous():
+        return None
     n = out_f // parts
-    blocks = wt.as_strided((parts, in_f, n), (n, out_f, 1))  # block p: columns p * n .. (p + 1) * n
-    rows = x.reshape(-1, in_f)
-    y = torch.bmm(rows.expand(parts, *rows.shape), blocks)  # (parts, R, n)
-    return y.permute(1, 0, 2).reshape(*x.shape[:-1], out_f)
+    return wt.as_strided((parts, in_f, n), (n, out_f, 1))
+
+
+def _blocks_product(x: Tensor, blocks: Tensor, bias: Tensor | None) -> Tensor:
+    parts, in_f, n = blocks.shape
+    rows = x.reshape(-1, in_f).expand(parts, -1, -1)  # (parts, R, in)
+    y = torch.bmm(rows, blocks) if bias is None else torch.baddbmm(bias, rows, blocks)  # (parts, R, n)
+    return y.permute(1, 0, 2).reshape(*x.shape[:-1], parts * n)
 
 
 class SplitLinear(nn.Linear):
     """An nn.Linear whose column-major weight is read in two blocks over torch's threads
     (`split_linear`). `one_row_layout_` turns a decoder's Linears into these: the same parameters
-    and state dict, only the product's schedule differs."""
+    and state dict, only the product's schedule differs. The block views are kept between calls
+    (a decoding step makes twenty of these calls, each a few microseconds of work to set up);
+    with gradients on, it is a plain Linear."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = split_linear(x, self.weight, min(torch.get_num_threads(), 2))
-        return y if self.bias is None else y + self.bias
+        if torch.is_grad_enabled() and self.weight.requires_grad or x.device.type != "cpu":
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        parts, w, b = min(torch.get_num_threads(), 2), self.weight, self.bias
+        key = (parts, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        held = self.__dict__.get("_blocks")
+        if held is None or held[0] != key:
+            blocks = _column_blocks(w, parts)
+            held = self.__dict__["_blocks"] = (key, blocks, None if b is None or blocks is None else b.view(parts, 1, -1))
+        if held[1] is None:
+            return torch.nn.functional.linear(x, w, b)
+        return _blocks_product(x, held[1], held[2])
 
 
 def one_row_layout_(module: nn.Module, *extra: Tensor) -> nn.Module:
