@@ -2,10 +2,12 @@
 
     python bench/probe_vlm_bridge.py --run runs/vlm --data data/mix [--n 4000]
 
-For generated scenes of the training split, ridge-regression probes read three facts from each stage
-of the bridge: which colours are in the scene, which shapes, and how many objects. The stages: the
-frozen ViT's class token and its mean patch token, the Q-Former's queries after stage 1
-(stage1.safetensors) and the final visual prompt (model.safetensors). 80% of the scenes fit the
+For generated scenes of the training split, ridge-regression probes read five facts from each stage
+of the bridge: which colours are in the scene, which shapes, how many objects, and where: which
+colours are in the left and the right half, and the colour of the leftmost object. The stages: the
+frozen ViT's class token, its mean patch token and all its patch tokens side by side, the
+Q-Former's queries after stage 1 (stage1.safetensors) and the final visual prompt
+(model.safetensors). 80% of the scenes fit the
 probe, 20% score it. A fact the ViT does not hold, no bridge can pass on; a fact the visual prompt
 holds but the answers miss is the LLM side's to learn. Also printed: how long the prompt's
 image-dependent part is against its part that is the same for every image.
@@ -45,6 +47,25 @@ def scene_labels(data: Path, examples: list[dict]) -> tuple[torch.Tensor, torch.
     return C, S, torch.tensor([len(objs) for objs in objects]), colours
 
 
+def spatial_labels(data: Path, examples: list[dict], colours: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where things are, the facts position questions need: multi-hot (colour, side) for each colour
+    and the left or right half of the picture (N, 2C), and the colour of the leftmost object, one-hot (N, C)."""
+    rows = {}
+    with open(data / "captions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("dataset") == "scenes":
+                rows[str(data / row["image"])] = row
+    sides = torch.zeros(len(examples), 2 * len(colours))
+    leftmost = torch.zeros(len(examples), len(colours))
+    for i, ex in enumerate(examples):
+        objects = rows[ex["image"]]["objects"]
+        for o in objects:
+            sides[i, 2 * colours.index(o["colour"]) + int(o["x"] >= 0.5)] = 1
+        leftmost[i, colours.index(min(objects, key=lambda o: o["x"])["colour"])] = 1
+    return sides, leftmost
+
+
 def ridge_probe(X: torch.Tensor, Y: torch.Tensor, *, multi_hot: bool) -> float:
     """Held-out accuracy of the best of four ridge penalties: per label for multi-hot targets, of the
     argmax for one-hot ones."""
@@ -81,8 +102,9 @@ def main() -> None:
         raise SystemExit(f"{args.run}: its features are for another data set than {args.data}")
     idx = [i for i, ex in enumerate(examples) if ex["dataset"] == "scenes"][:args.n]
     F = features[idx]
-    C, S, N, _ = scene_labels(args.data, [examples[i] for i in idx])
+    C, S, N, colours = scene_labels(args.data, [examples[i] for i in idx])
     counts = torch.nn.functional.one_hot(N - N.min()).float()
+    sides, leftmost = spatial_labels(args.data, [examples[i] for i in idx], colours)
 
     stage1.load_state_dict(load_file(str(args.run / "stage1.safetensors")))
     stage2.load_state_dict(load_file(str(args.run / "model.safetensors")), strict=False)  # frozen parts: as built
@@ -92,13 +114,17 @@ def main() -> None:
 
     print(f"{len(idx)} training scenes; baselines: the most common value of each label")
     base = lambda Y: ((Y.mean(0) > 0.5).float() == Y).float().mean().item()  # noqa: E731
-    print(f"| {'stage':34s} | colours present | shapes present | object count |")
-    print(f"| {'-' * 34} | --- | --- | --- |")
-    print(f"| {'majority baseline':34s} | {base(C):.3f} | {base(S):.3f} | {(N.mode().values == N).float().mean():.3f} |")
+    print(f"| {'stage':34s} | colours present | shapes present | object count | colour x side | leftmost colour |")
+    print(f"| {'-' * 34} | --- | --- | --- | --- | --- |")
+    top = lambda Y: (Y.argmax(1) == Y.sum(0).argmax()).float().mean().item()  # noqa: E731
+    print(f"| {'majority baseline':34s} | {base(C):.3f} | {base(S):.3f} | {(N.mode().values == N).float().mean():.3f} "
+          f"| {base(sides):.3f} | {top(leftmost):.3f} |")
     for name, X in (("ViT class token", F[:, 0]), ("ViT mean patch token", F[:, 1:].mean(1)),
+                    ("ViT patch tokens (all)", F[:, 1:]),
                     ("Q-Former queries after stage 1", queries), ("visual prompt after stage 2", prompt)):
         print(f"| {name:34s} | {ridge_probe(X, C, multi_hot=True):.3f} | {ridge_probe(X, S, multi_hot=True):.3f} "
-              f"| {ridge_probe(X, counts, multi_hot=False):.3f} |")
+              f"| {ridge_probe(X, counts, multi_hot=False):.3f} | {ridge_probe(X, sides, multi_hot=True):.3f} "
+              f"| {ridge_probe(X, leftmost, multi_hot=False):.3f} |")
     constant = prompt.mean(0)
     print(f"visual prompt per token: image-dependent part {(prompt - constant).norm(dim=-1).mean():.2f}, "
           f"part shared by every image {constant.norm(dim=-1).mean():.2f}")
