@@ -27,15 +27,19 @@ from safetensors.torch import load_file
 from polymodal.train.vlm import VLMRecipe, build_models, load_examples
 
 
-def scene_labels(data: Path, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """Multi-hot colours (N, C), multi-hot shapes (N, S), object counts (N,) and the colour names."""
+def scene_objects(data: Path, examples: list[dict]) -> list[list[dict]]:
+    """Each example's objects (shape, colour, size, x, y) from the data set's captions.jsonl."""
     rows = {}
     with open(data / "captions.jsonl", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if row.get("dataset") == "scenes":
                 rows[str(data / row["image"])] = row
-    objects = [rows[ex["image"]]["objects"] for ex in examples]
+    return [rows[ex["image"]]["objects"] for ex in examples]
+
+
+def scene_labels(objects: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Multi-hot colours (N, C), multi-hot shapes (N, S), object counts (N,) and the colour names."""
     colours = sorted({o["colour"] for objs in objects for o in objs})
     shapes = sorted({o["shape"] for objs in objects for o in objs})
     C = torch.zeros(len(objects), len(colours))
@@ -47,22 +51,15 @@ def scene_labels(data: Path, examples: list[dict]) -> tuple[torch.Tensor, torch.
     return C, S, torch.tensor([len(objs) for objs in objects]), colours
 
 
-def spatial_labels(data: Path, examples: list[dict], colours: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def spatial_labels(objects: list[list[dict]], colours: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Where things are, the facts position questions need: multi-hot (colour, side) for each colour
     and the left or right half of the picture (N, 2C), and the colour of the leftmost object, one-hot (N, C)."""
-    rows = {}
-    with open(data / "captions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("dataset") == "scenes":
-                rows[str(data / row["image"])] = row
-    sides = torch.zeros(len(examples), 2 * len(colours))
-    leftmost = torch.zeros(len(examples), len(colours))
-    for i, ex in enumerate(examples):
-        objects = rows[ex["image"]]["objects"]
-        for o in objects:
+    sides = torch.zeros(len(objects), 2 * len(colours))
+    leftmost = torch.zeros(len(objects), len(colours))
+    for i, objs in enumerate(objects):
+        for o in objs:
             sides[i, 2 * colours.index(o["colour"]) + int(o["x"] >= 0.5)] = 1
-        leftmost[i, colours.index(min(objects, key=lambda o: o["x"])["colour"])] = 1
+        leftmost[i, colours.index(min(objs, key=lambda o: o["x"])["colour"])] = 1
     return sides, leftmost
 
 
@@ -102,9 +99,10 @@ def main() -> None:
         raise SystemExit(f"{args.run}: its features are for another data set than {args.data}")
     idx = [i for i, ex in enumerate(examples) if ex["dataset"] == "scenes"][:args.n]
     F = features[idx]
-    C, S, N, colours = scene_labels(args.data, [examples[i] for i in idx])
+    objects = scene_objects(args.data, [examples[i] for i in idx])
+    C, S, N, colours = scene_labels(objects)
     counts = torch.nn.functional.one_hot(N - N.min()).float()
-    sides, leftmost = spatial_labels(args.data, [examples[i] for i in idx], colours)
+    sides, leftmost = spatial_labels(objects, colours)
 
     stage1.load_state_dict(load_file(str(args.run / "stage1.safetensors")))
     stage2.load_state_dict(load_file(str(args.run / "model.safetensors")), strict=False)  # frozen parts: as built
