@@ -138,6 +138,7 @@ def test_one_row_layout_splits_widening_linears_and_keeps_outputs():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # split_linear reads two blocks on two threads
     try:
+        column_major_(block)  # laid out the older way first: the narrowing Linear goes back to row-major
         assert one_row_layout_(block, head) is block
         for m in block.modules():
             if isinstance(m, torch.nn.Linear):

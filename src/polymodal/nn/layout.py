@@ -85,13 +85,15 @@ def one_row_layout_(module: nn.Module, *extra: Tensor) -> nn.Module:
     """The fastest layout measured on this machine's CPU for one-row products (bench/transcribe.py):
     a Linear that widens or keeps its width (out >= in) goes column-major and is read in two
     blocks (`SplitLinear`); one that narrows (Whisper's MLP down-projection, 1,536 -> 384) stays
-    row-major, which streams it faster (cold, two threads: 170 us against 180 split, 255 plain
-    column-major; widening 384 -> 1,536: 110 us split, 125 plain, 170 row-major). The `extra`
-    weights (a tied LM head) go column-major. Returns the module."""
+    (or goes back to) row-major, which streams it faster (cold, two threads: 170 us against 180
+    split, 255 plain column-major; widening 384 -> 1,536: 110 us split, 125 plain, 170
+    row-major). The `extra` weights (a tied LM head) go column-major. Returns the module."""
     for m in module.modules():
         if type(m) is nn.Linear and m.out_features >= m.in_features:
             column_major_(m)
             m.__class__ = SplitLinear
+        elif type(m) is nn.Linear and m.weight.device.type == "cpu" and not m.weight.is_contiguous():
+            m.weight.data = m.weight.data.contiguous()  # laid out column-major before: back to row-major
     for w in extra:
         _transpose_storage(w)
     return module
