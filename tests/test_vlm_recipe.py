@@ -31,11 +31,13 @@ from polymodal.train.vlm import (
     StageConfig,
     VLMRecipe,
     answer_pairs,
+    build_models,
     chat_loss,
     followup_chats,
     load_examples,
     match_prompt_scale,
     pick_pair,
+    stage1_batches,
     stage2_batches,
     train_vlm,
 )
@@ -254,6 +256,37 @@ def test_a_run_killed_in_stage_2_resumes_to_the_same_weights(parts, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
     assert {"stage": "stage2", "resumed_at": 4} in rows
+
+
+def test_relation_negatives_are_the_same_images_captions_made_false(parts):
+    from polymodal.data.scenes import swap_relation
+    from polymodal.train.blip2 import stage1_terms
+
+    assert swap_relation("a small red circle left of two blue squares") == "a small red circle right of two blue squares"
+    assert swap_relation("a star above a square") == "a star below a square"
+    assert swap_relation("two shapes on a noise background") is None
+    stage1, _, _, _, qtok = build_models(recipe(parts, relation_negatives=1.0))
+    examples = load_examples(parts / "scenes")
+    width, patches = stage1.cfg.vision.width, (32 // 8) ** 2
+    features = torch.randn(len(examples), 1 + patches, width)
+    plain = next(stage1_batches(examples, features, qtok, batch_size=16, max_text=24, weights={}))
+    assert "negative_ids" not in plain  # off by default: the batches are those of before
+    batch = next(stage1_batches(examples, features, qtok, batch_size=16, max_text=24, weights={},
+                                relation_negatives=1.0))
+    rows = batch["negative_rows"].tolist()
+    assert len(rows) >= 4  # most scenes have a relation caption
+    for j, r in enumerate(rows):  # each negative is its own image's caption, left and right (or up and down) swapped
+        assert qtok.decode(batch["negative_ids"][j]) == swap_relation(qtok.decode(batch["input_ids"][r]))
+    seen = []
+    itm = stage1._itm
+    stage1._itm = lambda image, ids, mask, eager: seen.append((image, ids)) or itm(image, ids, mask, eager)
+    try:
+        terms = stage1_terms(stage1, batch)
+    finally:
+        del stage1._itm
+    assert torch.isfinite(terms["itm_loss"])
+    image, ids = seen[-1]  # the last ITM pass: the false captions against their own images
+    assert torch.equal(image, batch["features"][batch["negative_rows"]]) and torch.equal(ids, batch["negative_ids"])
 
 
 def test_train_vlm_end_to_end(parts, tmp_path):

@@ -170,6 +170,18 @@ def _relation(a: list[dict], b: list[dict]) -> str | None:
     return None
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def swap_relation(caption: str) -> str | None:
+    """A relation caption made false ("a red circle left of a blue square" -> "... right of ..."),
+    or None for a caption that states no relation."""
+    for relation, opposite in OPPOSITE.items():
+        if f" {relation} " in caption:
+            return caption.replace(f" {relation} ", f" {opposite} ", 1)
+    return None
+
+
 def scene_captions(objects: list[dict], background: str, rng: np.random.Generator) -> list[str]:
     groups = _groups(objects)
     description = _join([_phrase(c, s, m) for c, s, m in groups])
@@ -212,8 +224,7 @@ def scene_qa(objects: list[dict], rng: np.random.Generator) -> list[dict]:
         truth = _relation([a], [b])
         if truth is None:
             continue
-        asked = truth if rng.random() < 0.5 else {"left of": "right of", "right of": "left of",
-                                                  "above": "below", "below": "above"}[truth]
+        asked = truth if rng.random() < 0.5 else OPPOSITE[truth]
         qa.append({"q": f"is {name_a} {asked} {name_b}?", "a": "yes" if asked == truth else "no",
                    "type": "position"})
     present = objects[int(rng.integers(len(objects)))]

@@ -104,14 +104,17 @@ class Blip2Stage1(nn.Module):
 
     def forward(self, pixels: Tensor | None, ids: Tensor, attention_mask: Tensor | None = None, *,
                 targets: Tensor | None = None, generator: torch.Generator | None = None,
-                features: Tensor | None = None, eager: bool = False) -> Stage1Output:
+                features: Tensor | None = None, negatives: tuple[Tensor, Tensor, Tensor] | None = None,
+                eager: bool = False) -> Stage1Output:
         """pixels (N, C, H, W) and ids, attention_mask (N, T): N matching pairs (image i, text i).
         features (N, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once.
 
         targets (N, T): the ITG targets (the ids, -100 on padding), predicted from the position
         before. Given targets, the losses are set: ITC over the N x N scores, ITM on the pairs and on
         one hard negative text per image and one hard negative image per text, each drawn in
-        proportion to its ITC similarity (BLIP-2 3.2), and ITG."""
+        proportion to its ITC similarity (BLIP-2 3.2), and ITG.
+        negatives (ids (M, T'), attention_mask (M, T'), rows (M,)): more texts for ITM that do not
+        match images `rows`, e.g. a caption of that very image made false (its left and right swapped)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         image = features if features is not None else image_features(self.visual, pixels, eager=eager)
@@ -135,7 +138,10 @@ class Blip2Stage1(nn.Module):
             neg_image = torch.multinomial(logits.t().softmax(1) * others, 1, generator=generator).squeeze(1)
         itm_neg = self._itm(torch.cat([image, image[neg_image]]), torch.cat([ids[neg_text], ids]),
                             torch.cat([attention_mask[neg_text], attention_mask]), eager)  # (2N, 2)
-        match = torch.cat([torch.ones(N), torch.zeros(2 * N)]).long().to(ids.device)
+        if negatives is not None:
+            neg_ids, neg_mask, rows = negatives
+            itm_neg = torch.cat([itm_neg, self._itm(image[rows], neg_ids, neg_mask, eager)])
+        match = torch.cat([torch.ones(N), torch.zeros(len(itm_neg))]).long().to(ids.device)
         itm_loss = F.cross_entropy(torch.cat([itm, itm_neg]), match)
         loss, itg_loss = itc_loss + itm_loss, None
         if itg is not None:

@@ -99,7 +99,10 @@ def stage1_terms(model: Blip2Stage1, batch: dict[str, Tensor]) -> dict[str, Tens
     targets = batch.get("targets")
     if targets is None:
         targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    out = model(batch.get("pixels"), ids, mask, targets=targets, features=batch.get("features"))
+    negatives = batch.get("negative_ids")
+    if negatives is not None:  # false captions of the batch's own images (train/vlm.py stage1_batches)
+        negatives = (negatives, batch["negative_mask"], batch["negative_rows"])
+    out = model(batch.get("pixels"), ids, mask, targets=targets, features=batch.get("features"), negatives=negatives)
     terms = {"itc_loss": out.itc_loss, "itm_loss": out.itm_loss}
     if out.itg_loss is not None:
         terms["itg_loss"] = out.itg_loss

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from polymodal.config import Blip2Config, QFormerConfig
+from polymodal.data.scenes import swap_relation
 from polymodal.models.blip2 import Blip2, Blip2Stage1, image_features
 from polymodal.models.lm import IGNORE_INDEX
 from polymodal.models.qformer import bert_init
@@ -71,6 +72,8 @@ class VLMRecipe:
     chats: int = 0  # two-turn chats self-distilled from the LLM (followup_chats) for stage 2
     match_scale: bool = False  # start stage 2 with visual-prompt tokens as long as the LLM's word embeddings
     chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
+    relation_negatives: float = 0.0  # the share of stage-1 scenes captioned by their relation, the relation
+    # swapped as an extra ITM negative of the same image (swap_relation): the queries must keep where things are
     save_every: int = 100  # stage 2 keeps its state every this many steps (stage2-state.*), so a kill resumes
     seed: int = 0
 
@@ -203,9 +206,13 @@ def _pick(examples: list[dict], weights: dict[str, float], rng: random.Random) -
 
 
 def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_size: int, max_text: int,
-                   weights: dict[str, float], seed: int = 0) -> Iterator[dict[str, Tensor]]:
+                   weights: dict[str, float], seed: int = 0,
+                   relation_negatives: float = 0.0) -> Iterator[dict[str, Tensor]]:
     """Stage-1 batches of distinct images (ITC's in-batch negatives are then true ones), one random
-    caption each: `features`, `input_ids`, `attention_mask` ([CLS] text [SEP], right-padded)."""
+    caption each: `features`, `input_ids`, `attention_mask` ([CLS] text [SEP], right-padded).
+    With relation_negatives, that share of the scenes with a relation caption take it, and the
+    batch also carries it swapped (`negative_ids`, `negative_mask`, `negative_rows`: the row whose
+    image it does not match)."""
     rng = random.Random(seed)
     picks = _pick(examples, weights, rng)
     while True:
@@ -214,14 +221,34 @@ def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_s
             i = next(picks)
             if i not in chosen:
                 chosen.append(i)
-        ids = [tokenizer.encode(rng.choice(examples[i]["captions"]))[:max_text] for i in chosen]
-        width = max(len(r) for r in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for r, row in enumerate(ids):
-            input_ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-        yield {"features": features[chosen], "input_ids": input_ids, "attention_mask": mask}
+        texts, false, rows = [], [], []
+        for r, i in enumerate(chosen):
+            related = [(c, swap_relation(c)) for c in examples[i]["captions"]]
+            related = [(c, f) for c, f in related if f is not None]
+            if related and relation_negatives > 0 and rng.random() < relation_negatives:
+                caption, swapped = rng.choice(related)
+                texts.append(caption)
+                false.append(swapped)
+                rows.append(r)
+            else:
+                texts.append(rng.choice(examples[i]["captions"]))
+        input_ids, mask = _padded([tokenizer.encode(t)[:max_text] for t in texts], tokenizer.pad_id)
+        batch = {"features": features[chosen], "input_ids": input_ids, "attention_mask": mask}
+        if false:
+            batch["negative_ids"], batch["negative_mask"] = _padded(
+                [tokenizer.encode(t)[:max_text] for t in false], tokenizer.pad_id)
+            batch["negative_rows"] = torch.tensor(rows)
+        yield batch
+
+
+def _padded(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids (B, T) and their attention mask."""
+    input_ids = torch.full((len(ids), max(len(r) for r in ids)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, row in enumerate(ids):
+        input_ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    return input_ids, mask
 
 
 def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, batch_size: int,
@@ -371,7 +398,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
 
         train_cfg = _train_config(recipe.stage1)
         batches = stage1_batches(examples, features, qtok, batch_size=recipe.stage1.batch_size,
-                                 max_text=recipe.max_text, weights=recipe.weights, seed=recipe.seed)
+                                 max_text=recipe.max_text, weights=recipe.weights, seed=recipe.seed,
+                                 relation_negatives=recipe.relation_negatives)
         train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"))
         save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(stage1_file.with_suffix(".tmp")))
         stage1_file.with_suffix(".tmp").replace(stage1_file)
