@@ -105,10 +105,13 @@ def main() -> None:
     sides, leftmost = spatial_labels(objects, colours)
 
     stage1.load_state_dict(load_file(str(args.run / "stage1.safetensors")))
-    stage2.load_state_dict(load_file(str(args.run / "model.safetensors")), strict=False)  # frozen parts: as built
+    trained = (args.run / "model.safetensors").is_file()  # a run still in stage 2 has stage 1's only
+    if trained:
+        stage2.load_state_dict(load_file(str(args.run / "model.safetensors")), strict=False)  # frozen parts: as built
     with torch.no_grad():
         queries = torch.cat([stage1.qformer(F[i:i + 256]).queries for i in range(0, len(F), 256)])
-        prompt = torch.cat([stage2.visual_prompt(None, features=F[i:i + 256]) for i in range(0, len(F), 256)])
+        prompt = torch.cat([stage2.visual_prompt(None, features=F[i:i + 256]) for i in range(0, len(F), 256)]) \
+            if trained else None
 
     print(f"{len(idx)} training scenes; baselines: the most common value of each label")
     base = lambda Y: ((Y.mean(0) > 0.5).float() == Y).float().mean().item()  # noqa: E731
@@ -117,15 +120,16 @@ def main() -> None:
     top = lambda Y: (Y.argmax(1) == Y.sum(0).argmax()).float().mean().item()  # noqa: E731
     print(f"| {'majority baseline':34s} | {base(C):.3f} | {base(S):.3f} | {(N.mode().values == N).float().mean():.3f} "
           f"| {base(sides):.3f} | {top(leftmost):.3f} |")
-    for name, X in (("ViT class token", F[:, 0]), ("ViT mean patch token", F[:, 1:].mean(1)),
-                    ("ViT patch tokens (all)", F[:, 1:]),
-                    ("Q-Former queries after stage 1", queries), ("visual prompt after stage 2", prompt)):
+    stages = [("ViT class token", F[:, 0]), ("ViT mean patch token", F[:, 1:].mean(1)),
+              ("ViT patch tokens (all)", F[:, 1:]), ("Q-Former queries after stage 1", queries)]
+    for name, X in stages + ([("visual prompt after stage 2", prompt)] if trained else []):
         print(f"| {name:34s} | {ridge_probe(X, C, multi_hot=True):.3f} | {ridge_probe(X, S, multi_hot=True):.3f} "
               f"| {ridge_probe(X, counts, multi_hot=False):.3f} | {ridge_probe(X, sides, multi_hot=True):.3f} "
               f"| {ridge_probe(X, leftmost, multi_hot=False):.3f} |")
-    constant = prompt.mean(0)
-    print(f"visual prompt per token: image-dependent part {(prompt - constant).norm(dim=-1).mean():.2f}, "
-          f"part shared by every image {constant.norm(dim=-1).mean():.2f}")
+    if trained:
+        constant = prompt.mean(0)
+        print(f"visual prompt per token: image-dependent part {(prompt - constant).norm(dim=-1).mean():.2f}, "
+              f"part shared by every image {constant.norm(dim=-1).mean():.2f}")
     print(f"({time.time() - t0:.0f} s)")
 
 
