@@ -162,6 +162,4 @@ class DecoderLM(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:
         """(..., embed_dim) last hidden states -> (..., vocab_size) next-token logits."""
         weight = self.token_embed.weight if self.lm_head is None else self.lm_head.weight
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return F.linear(hidden, weight)
-        return split_linear(hidden, weight, min(torch.get_num_threads(), 2))  # F.linear unless column-major
+        return split_linear(hidden, weight)  # F.linear unless laid out column-major for decoding

@@ -172,7 +172,7 @@ class WhisperDecoding:
         decoder = self.model.decoder
         h = decoder.states(ids, self.context, cache=cache)
         # the logits in blocks over torch's threads (nn/layout.py): a step's largest product
-        return WhisperOutput(logits=split_linear(h, decoder.token_embed.weight, min(torch.get_num_threads(), 2)))
+        return WhisperOutput(logits=split_linear(h, decoder.token_embed.weight))
 
     def close(self) -> None:
         self.context = self.states

@@ -33,11 +33,14 @@ def _transpose_storage(w: Tensor) -> None:
         w.data = w.data.t().contiguous().t()
 
 
-def split_linear(x: Tensor, weight: Tensor, parts: int, bias: Tensor | None = None) -> Tensor:
+def split_linear(x: Tensor, weight: Tensor, parts: int | None = None, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) for a column-major weight (out, in), computed as `parts` products
-    over blocks of its output columns, in one batched product on strided views of the weight (no
-    copy). x (..., in) -> (..., out). Any other weight, or `out` not divisible by `parts`: F.linear."""
-    blocks = _column_blocks(weight, parts) if x.device.type == "cpu" else None
+    (default: two, or one on one thread) over blocks of its output columns, in one batched product
+    on strided views of the weight (no copy). x (..., in) -> (..., out). Any other weight, `out` not
+    divisible by `parts`, or a weight being trained (gradients on): F.linear."""
+    if torch.is_grad_enabled() and weight.requires_grad or x.device.type != "cpu":
+        return torch.nn.functional.linear(x, weight, bias)
+    blocks = _column_blocks(weight, min(torch.get_num_threads(), 2) if parts is None else parts)
     if blocks is None:
         return torch.nn.functional.linear(x, weight, bias)
     return _blocks_product(x, blocks, None if bias is None else bias.view(parts, 1, -1))
