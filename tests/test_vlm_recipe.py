@@ -96,12 +96,12 @@ def parts(tmp_path_factory):
 
 
 def recipe(root: Path, **changes) -> VLMRecipe:
-    return VLMRecipe(vision=str(root / "clip"), lm=str(root / "lm"),
-                     qformer={"width": 32, "layers": 2, "heads": 4, "mlp_dim": 64, "num_query_tokens": 4,
-                              "cross_attention_frequency": 1},
-                     embed_dim=16, weights={}, max_text=24,
-                     stage1=StageConfig(steps=40, batch_size=16, lr=2e-3, warmup=5),
-                     stage2=StageConfig(steps=150, batch_size=8, lr=3e-3, warmup=5), **changes)
+    return VLMRecipe(**{"vision": str(root / "clip"), "lm": str(root / "lm"),
+                        "qformer": {"width": 32, "layers": 2, "heads": 4, "mlp_dim": 64, "num_query_tokens": 4,
+                                    "cross_attention_frequency": 1},
+                        "embed_dim": 16, "weights": {}, "max_text": 24,
+                        "stage1": StageConfig(steps=40, batch_size=16, lr=2e-3, warmup=5),
+                        "stage2": StageConfig(steps=150, batch_size=8, lr=3e-3, warmup=5), **changes})
 
 
 def tiny_blip2(root: Path) -> tuple[Blip2, Tokenizer]:
@@ -378,3 +378,43 @@ def test_features_are_computed_once(parts, tmp_path, monkeypatch):
     monkeypatch.undo()
     other, _ = vlm_mod.cached_features(tmp_path / "f.safetensors", stage1, "clip", paths[:-1])  # other images
     assert other.shape[0] == len(paths) - 1
+
+
+def test_instruction_aware_queries_read_the_question(parts, tmp_path):
+    """InstructBLIP's Q-Former (recipe instruction=True): the queries read the question, embedded by
+    the LLM's own word embeddings; training reaches the new parts; the chat session gives the
+    model the question the image came with; the saved model comes back the same."""
+    out = train_vlm(recipe(parts, instruction=True, stage1=StageConfig(steps=10, batch_size=16, lr=2e-3, warmup=2),
+                           stage2=StageConfig(steps=80, batch_size=8, lr=3e-3, warmup=5)),
+                    parts / "colours", tmp_path / "vlm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["stage"] == "stage2"]
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), (losses[:5], losses[-5:])
+    saved = read_state_dict(out / "model.safetensors")
+    assert "instruction_proj.weight" in saved and "qformer.pos_embed.weight" in saved
+    assert not any(k.startswith("qformer.token_embed") for k in saved)  # the LLM embeds the words
+
+    model, tok, template, _ = load_vlm_checkpoint(out)
+    assert model.cfg.instruction and torch.equal(model.instruction_proj.weight, saved["instruction_proj.weight"])
+    vlm = VLM(model, tok, template)
+    image = parts / "scenes" / "images" / "00000.png"  # never trained on: the checks are on the wiring
+    px = vlm.pixels(image)
+    ids = lambda text: torch.tensor([vlm.encode(text, specials=False)])  # noqa: E731
+    with torch.no_grad():
+        colour = model.visual_prompt(px, instruction=ids("What colour is the circle?"))
+        count = model.visual_prompt(px, instruction=ids("How many shapes are there?"))
+        alone = model.visual_prompt(px)
+        question = vlm.encode("How many shapes are there?", specials=False)
+        padded = model.visual_prompt(px, instruction=torch.tensor([question + [1, 1]]),
+                                     instruction_mask=torch.tensor([[1] * len(question) + [0, 0]]))
+    assert (colour - count).abs().max() > 1e-3 and (colour - alone).abs().max() > 1e-3
+    torch.testing.assert_close(padded[0], count[0], atol=1e-5, rtol=1e-4)  # padding is not read
+
+    # a chat gives the queries its first question, at every turn
+    session = vlm.chat(image)
+    seen = []
+    original = model.visual_prompt
+    model.visual_prompt = lambda *a, **k: seen.append(k["instruction"][0].tolist()) or original(*a, **k)
+    session.send("How many shapes are there?", max_new_tokens=2)
+    session.send("What colour is the circle?", max_new_tokens=2)
+    assert seen == [vlm.encode("How many shapes are there?", specials=False)] * 2

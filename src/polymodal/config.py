@@ -272,7 +272,9 @@ class QFormerConfig(_Config):
     """BLIP-2's Querying Transformer (Li et al. 2023): a BERT-style post-norm encoder over learned
     queries (and text), whose query rows cross-attend to image features every
     `cross_attention_frequency` layers. `text_input`: the text side (word and position embeddings,
-    the text feed-forward networks) that stage 1 trains and stage 2 drops; `lm_head`: the ITG head."""
+    the text feed-forward networks) that stage 1 trains and stage 2 drops; `lm_head`: the ITG head.
+    vocab_size 0: a text side without word embeddings, whose text comes embedded (`text_embeds`;
+    an instruction-aware stage 2 embeds its instruction with the LLM's own embeddings)."""
 
     vocab_size: int = 30523  # BERT's 30522 + the [DEC] token that starts ITG text
     context_length: int = 512  # max position embeddings of the text
@@ -294,8 +296,8 @@ class QFormerConfig(_Config):
             raise ConfigError(f"QFormerConfig: width {self.width} cannot be split into {self.heads} heads")
         if self.cross_attention_frequency < 1 or self.num_query_tokens < 1:
             raise ConfigError("QFormerConfig: cross_attention_frequency and num_query_tokens must be >= 1")
-        if self.lm_head and not self.text_input:
-            raise ConfigError("QFormerConfig: an ITG head (lm_head) needs the text side (text_input)")
+        if self.lm_head and not (self.text_input and self.vocab_size):
+            raise ConfigError("QFormerConfig: an ITG head (lm_head) needs the text side (text_input) and a vocabulary")
 
 
 def _blip2_vision() -> VisionConfig:
@@ -323,6 +325,10 @@ class Blip2Config(_Config):
     lm: LMConfig | None = field(default_factory=_blip2_lm)
     embed_dim: int = 256
     logit_scale_init: float = 2.6592  # log(1 / 0.07), BLIP-2's initial ITC temperature
+    # InstructBLIP (Dai et al. 2023): the Q-Former reads the instruction beside its queries, so they
+    # fetch what the question asks about. The instruction is embedded by the LLM's own (frozen) word
+    # embeddings, then `instruction_proj`; its Q-Former has a text side with vocab_size 0.
+    instruction: bool = False
     image_transform: ImageTransformConfig = field(
         default_factory=lambda: ImageTransformConfig(size=224, resize=224, mode="squash"))
     # Frozen parts whose weights are not saved with ours but read from where they ship:

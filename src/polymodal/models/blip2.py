@@ -169,18 +169,32 @@ class Blip2(nn.Module):
         super().__init__()
         if cfg.lm is None:
             raise ConfigError("BLIP-2 stage 2 needs a language model (Blip2Config.lm); lm=None is Blip2Stage1")
+        if cfg.instruction and not (cfg.qformer.text_input and cfg.qformer.vocab_size == 0):
+            raise ConfigError("an instruction-aware BLIP-2 needs a Q-Former text side without word embeddings "
+                              "(QFormerConfig text_input=True, vocab_size=0)")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision)
         self.qformer = QFormer(cfg.qformer, cfg.vision.width)
         self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)
+        self.instruction_proj = nn.Linear(cfg.lm.embed_dim, cfg.qformer.width) if cfg.instruction else None
         self.lm = DecoderLM(cfg.lm)
 
-    def visual_prompt(self, pixels: Tensor | None, *, features: Tensor | None = None, eager: bool = False) -> Tensor:
+    def visual_prompt(self, pixels: Tensor | None, *, features: Tensor | None = None,
+                      instruction: Tensor | None = None, instruction_mask: Tensor | None = None,
+                      eager: bool = False) -> Tensor:
         """pixels (B, C, H, W) -> (B, Q, embed_dim): the queries in the LLM's input embedding space.
-        features (B, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once."""
+        features (B, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once.
+        instruction, instruction_mask (B, T): the question in the LLM's token ids (right-padded), which
+        an instruction-aware model's queries read (InstructBLIP); ignored by a plain one."""
         if features is None:
             features = image_features(self.visual, pixels, eager=eager)
-        queries = self.qformer(features, eager=eager).queries
+        if self.instruction_proj is None or instruction is None:
+            return self.language_projection(self.qformer(features, eager=eager).queries)
+        instruction = instruction[:, :self.cfg.qformer.context_length]
+        if instruction_mask is not None:
+            instruction_mask = instruction_mask[:, :instruction.shape[1]]
+        words = self.instruction_proj(self.lm.embed(instruction).to(features.dtype))  # (B, T, width)
+        queries = self.qformer(features, attention_mask=instruction_mask, text_embeds=words, eager=eager).queries
         return self.language_projection(queries)
 
     def prompt(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,

@@ -142,33 +142,41 @@ class QFormer(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.query_tokens = nn.Parameter(torch.randn(cfg.num_query_tokens, w) * 0.02)
+        self.token_embed = self.pos_embed = None
         if cfg.text_input:
-            self.token_embed = nn.Embedding(cfg.vocab_size, w, padding_idx=cfg.pad_token_id)
             self.pos_embed = nn.Embedding(cfg.context_length, w)
-        else:
-            self.token_embed = self.pos_embed = None
+            if cfg.vocab_size:  # else the text comes embedded (forward's text_embeds)
+                self.token_embed = nn.Embedding(cfg.vocab_size, w, padding_idx=cfg.pad_token_id)
         self.norm_embed = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, vision_width, cross=i % cfg.cross_attention_frequency == 0) for i in range(cfg.layers)
         )
         self.lm_head = LMHead(w, cfg.vocab_size, cfg.act, cfg.norm_eps) if cfg.lm_head else None
 
-    def embed(self, ids: Tensor) -> Tensor:
-        """ids (B, T) -> word + position embeddings (B, T, width), not yet normalised."""
-        if self.token_embed is None:
-            raise ValueError("this Q-Former has no text side (QFormerConfig.text_input=False)")
-        length = ids.shape[1]
+    def embed(self, ids: Tensor | None = None, words: Tensor | None = None) -> Tensor:
+        """ids (B, T), or their word embeddings (B, T, width) made elsewhere -> word + position
+        embeddings (B, T, width), not yet normalised."""
+        if self.pos_embed is None or (words is None and self.token_embed is None):
+            raise ValueError("this Q-Former has no text side (QFormerConfig.text_input=False)"
+                             if self.pos_embed is None else "this Q-Former has no word embeddings: give text_embeds")
+        if words is None:
+            words = self.token_embed(ids)
+        length = words.shape[1]
         if length > self.cfg.context_length:
             raise ValueError(f"{length} tokens exceed the Q-Former's context length {self.cfg.context_length}")
-        return self.token_embed(ids) + self.pos_embed(torch.arange(length, device=ids.device))  # (B, T, width)
+        return words + self.pos_embed(torch.arange(length, device=words.device))  # (B, T, width)
 
     def forward(self, image: Tensor | None = None, ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, mask: Mask = "itm", image_mask: Tensor | None = None, eager: bool = False) -> QFormerOutput:
+                *, mask: Mask = "itm", image_mask: Tensor | None = None, text_embeds: Tensor | None = None,
+                eager: bool = False) -> QFormerOutput:
         """image (B, S, vision_width): the frozen encoder's tokens; without it, no queries run
         (ITC's text encoder). ids, attention_mask (B, T), 1 = real token: the text; without it the
-        queries run alone. mask: how queries and text see each other ("itc", "itm", "itg").
-        image_mask (B, S), 1 = real: the positions of `image` the queries may read (padded audio)."""
-        if image is None and ids is None:
+        queries run alone. text_embeds (B, T, width) instead of ids: the text's word embeddings, made
+        elsewhere (positions are added here). mask: how queries and text see each other ("itc",
+        "itm", "itg"). image_mask (B, S), 1 = real: the positions of `image` the queries may read."""
+        if ids is not None and text_embeds is not None:
+            raise ValueError("give the text as ids or as text_embeds, not both")
+        if image is None and ids is None and text_embeds is None:
             raise ValueError("give an image, text ids, or both")
         if mask not in ("itc", "itm", "itg"):
             raise ValueError(f"unknown Q-Former mask {mask!r}; known: itc, itm, itg")
@@ -178,9 +186,12 @@ class QFormer(nn.Module):
             Q = self.cfg.num_query_tokens
             parts.append(self.query_tokens.expand(image.shape[0], -1, -1))  # (B, Q, width)
         attn_mask = None
-        if ids is not None:
-            parts.append(self.embed(ids))  # (B, T, width)
-            text_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        has_text = ids is not None or text_embeds is not None
+        if has_text:
+            parts.append(self.embed(ids, text_embeds))  # (B, T, width)
+            text_mask = attention_mask
+            if text_mask is None:
+                text_mask = torch.ones(parts[-1].shape[:2], dtype=torch.long, device=parts[-1].device)
             if mask == "itg" or (Q and mask == "itc") or not bool(text_mask.all()):  # else: all see all
                 attn_mask = stage1_mask(mask, Q, text_mask)  # (B, 1, Q + T, Q + T)
         x = self.norm_embed(torch.cat(parts, dim=1))  # (B, Q + T, width)
@@ -188,7 +199,7 @@ class QFormer(nn.Module):
             image_mask = image_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
             x = layer(x, Q, image, mask=attn_mask, image_mask=image_mask, eager=eager)
-        return QFormerOutput(queries=x[:, :Q] if Q else None, text=x[:, Q:] if ids is not None else None)
+        return QFormerOutput(queries=x[:, :Q] if Q else None, text=x[:, Q:] if has_text else None)
 
     def text_logits(self, text: Tensor) -> Tensor:
         """ITG: text outputs (B, T, width) -> next-token logits (B, T, vocab)."""

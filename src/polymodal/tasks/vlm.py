@@ -222,7 +222,7 @@ class ChatSession:
         if self._pixels is None:
             inputs = {"ids": torch.tensor([after], device=device)}
         else:
-            visual = vlm.model.visual_prompt(self._pixels)  # (1, Q, E)
+            visual = vlm.model.visual_prompt(self._pixels, **self._instruction(text))  # (1, Q, E)
             parts = [lm.embed(torch.tensor([ids], device=device)).to(visual.dtype) for ids in (before, after) if ids]
             parts.insert(1 if before else 0, visual)
             inputs = {"inputs_embeds": torch.cat(parts, dim=1)}  # (1, P, E)
@@ -245,6 +245,16 @@ class ChatSession:
             stream(answer[len(shown):])
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
+
+    def _instruction(self, text: str) -> dict[str, Tensor]:
+        """What an instruction-aware model's queries read (InstructBLIP): the question the image came
+        with, i.e. the first user turn kept (`text` itself in a new conversation). Nothing for others."""
+        model = self.vlm.model
+        if getattr(model, "instruction_proj", None) is None:
+            return {}
+        first = next((m["content"] for m in self.messages if m["role"] == "user"), text)
+        ids = self.vlm.encode(first, specials=False)[: model.cfg.qformer.context_length]
+        return {"instruction": torch.tensor([ids], device=self._pixels.device)}
 
     def save(self, path) -> Path:
         """The transcript as JSON: image, messages, dropped_turns."""

@@ -35,7 +35,7 @@ from polymodal.train.trainer import lr_at
 # Parts are top-level modules; any other name (the stage-1 heads, `logit_scale`) is "head".
 STAGE_PARTS = {
     1: {"visual": 0.0, "qformer": 1.0, "head": 1.0},
-    2: {"visual": 0.0, "qformer": 1.0, "language_projection": 1.0, "lm": 0.0},
+    2: {"visual": 0.0, "qformer": 1.0, "language_projection": 1.0, "instruction_proj": 1.0, "lm": 0.0},
 }
 
 

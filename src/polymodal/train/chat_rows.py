@@ -143,12 +143,15 @@ def followup_chats(examples: list[dict], lm, tokenizer, template: str, *, count:
 
 
 
-def chat_loss(model, prefix: list[int], features: Tensor, input_ids: Tensor, targets: Tensor) -> Tensor:
+def chat_loss(model, prefix: list[int], features: Tensor, input_ids: Tensor, targets: Tensor,
+              instruction: Tensor | None = None, instruction_mask: Tensor | None = None) -> Tensor:
     """Cross-entropy of the answers in [prefix; visual prompt; input_ids]. The prefix is the same for
     every row and frozen, so its keys and values are computed without gradients into the KV cache;
-    only the positions that predict an answer token go through the LLM's head."""
+    only the positions that predict an answer token go through the LLM's head. instruction,
+    instruction_mask (B, T'): the question an instruction-aware model's queries read."""
     lm = model.lm
-    visual = model.visual_prompt(None, features=features)  # (B, Q, E)
+    extra = {} if instruction is None else {"instruction": instruction, "instruction_mask": instruction_mask}
+    visual = model.visual_prompt(None, features=features, **extra)  # (B, Q, E)
     B, Q, T, P = visual.shape[0], visual.shape[1], input_ids.shape[1], len(prefix)
     cache = lm.new_cache(B, P + Q + T, dtype=visual.dtype, device=visual.device)
     with torch.no_grad():

@@ -74,6 +74,7 @@ class VLMRecipe:
     chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
     relation_negatives: float = 0.0  # the share of stage-1 scenes captioned by their relation, the relation
     # swapped as an extra ITM negative of the same image (swap_relation): the queries must keep where things are
+    instruction: bool = False  # InstructBLIP: stage 2's queries read the question (Blip2Config.instruction)
     save_every: int = 100  # stage 2 keeps its state every this many steps (stage2-state.*), so a kill resumes
     seed: int = 0
 
@@ -253,11 +254,13 @@ def _padded(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, batch_size: int,
                    weights: dict[str, float], seed: int = 0, chats: list[dict] | None = None,
-                   chat_weight: float = 0.0) -> Iterator[dict[str, Tensor]]:
+                   chat_weight: float = 0.0, instructions: int = 0) -> Iterator[dict[str, Tensor]]:
     """Stage-2 batches: `features`, `input_ids` (B, T) after the visual prompt (right-padded) and
     `targets` (B, T): the answers and their end-of-turn tokens, -100 elsewhere. A row is one of an
     example's answer_pairs (`pick_pair`); with probability chat_weight a batch is
-    instead batch_size // 2 of the two-turn `chats` (about twice as long: a batch of one kind pads less)."""
+    instead batch_size // 2 of the two-turn `chats` (about twice as long: a batch of one kind pads less).
+    instructions > 0: also `instruction`, `instruction_mask` (B, at most that many tokens): each row's
+    first question in the LLM's tokens, which an instruction-aware model's queries read."""
     rng = random.Random(seed)
     picks = _pick(examples, weights, rng)
     pad = fmt.tokenizer.pad_id
@@ -265,10 +268,11 @@ def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, b
         if chats and rng.random() < chat_weight:
             picked = [rng.choice(chats) for _ in range(max(1, batch_size // 2))]
             chosen = [chat["example"] for chat in picked]
-            rows = [fmt.turns([tuple(t) for t in chat["turns"]]) for chat in picked]
+            conversations = [[tuple(t) for t in chat["turns"]] for chat in picked]
         else:
             chosen = [next(picks) for _ in range(batch_size)]
-            rows = [fmt.turns([pick_pair(examples[i], rng)]) for i in chosen]
+            conversations = [[pick_pair(examples[i], rng)] for i in chosen]
+        rows = [fmt.turns(pairs) for pairs in conversations]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         targets = torch.full_like(input_ids, IGNORE_INDEX)
@@ -276,7 +280,12 @@ def stage2_batches(examples: list[dict], features: Tensor, fmt: ChatFormat, *, b
             input_ids[r, :len(ids)] = torch.tensor(ids)
             for start, end in spans:
                 targets[r, start:end] = torch.tensor(ids[start:end])
-        yield {"features": features[chosen], "input_ids": input_ids, "targets": targets}
+        batch = {"features": features[chosen], "input_ids": input_ids, "targets": targets}
+        if instructions:
+            encode = fmt.tokenizer.backend.encode
+            batch["instruction"], batch["instruction_mask"] = _padded(
+                [encode(pairs[0][0], add_special_tokens=False).ids[:instructions] for pairs in conversations], pad)
+        yield batch
 
 
 # --- the two stages ------------------------------------------------------------------------------
@@ -301,8 +310,11 @@ def build_models(recipe: VLMRecipe):
     base = dict(vision=visual.cfg, embed_dim=recipe.embed_dim, image_transform=transform,
                 vision_weights=recipe.vision)
     stage1 = Blip2Stage1(Blip2Config(qformer=qcfg, lm=None, **base))
-    stage2 = Blip2(Blip2Config(qformer=qcfg.replace(text_input=False, lm_head=False), lm=lm.cfg,
-                               lm_weights=recipe.lm, **base))
+    # stage 2 drops the text side, or (instruction-aware) keeps it without its word embeddings
+    stage2_q = (qcfg.replace(vocab_size=0, lm_head=False) if recipe.instruction
+                else qcfg.replace(text_input=False, lm_head=False))
+    stage2 = Blip2(Blip2Config(qformer=stage2_q, lm=lm.cfg, lm_weights=recipe.lm, instruction=recipe.instruction,
+                               **base))
     for part in (stage1.qformer, stage1.vision_proj, stage1.text_proj, stage1.itm_head):
         part.apply(bert_init)
     for model in (stage1, stage2):
@@ -416,8 +428,10 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
                                cache=out / "chats.jsonl", on_progress=on_chats)
         _log(metrics, {"stage": "chats", "chats": len(chats), "seconds": round(time.time() - t0, 1)})
     stream = stage2_batches(examples, features, fmt, batch_size=recipe.stage2.batch_size, weights=recipe.weights,
-                            seed=recipe.seed + 1, chats=chats, chat_weight=recipe.chat_weight)
-    terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"])}  # noqa: E731
+                            seed=recipe.seed + 1, chats=chats, chat_weight=recipe.chat_weight,
+                            instructions=stage2.cfg.qformer.context_length if recipe.instruction else 0)
+    terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"],  # noqa: E731
+                                               b.get("instruction"), b.get("instruction_mask"))}
 
     def resume(optimizer) -> int:
         step = load_state(out, stage2, optimizer, frozen=FROZEN, name="stage2-state")
