@@ -253,8 +253,8 @@ class ChatSession:
         if getattr(model, "instruction_proj", None) is None:
             return {}
         first = next((m["content"] for m in self.messages if m["role"] == "user"), text)
-        ids = self.vlm.encode(first, specials=False)[: model.cfg.qformer.context_length]
-        return {"instruction": torch.tensor([ids], device=self._pixels.device)}
+        # Blip2.visual_prompt keeps the Q-Former's context_length of it
+        return {"instruction": torch.tensor([self.vlm.encode(first, specials=False)], device=self._pixels.device)}
 
     def save(self, path) -> Path:
         """The transcript as JSON: image, messages, dropped_turns."""
