@@ -30,6 +30,10 @@ class TrainConfig:
     workers: int = opt(0, "data loader worker processes (decoding and preprocessing)")
     hard_negatives: bool = opt(False, "NegCLIP: each image is also scored against its caption with one shape, "
                                "colour, count or relation changed (train/negatives.py)")
+    regions: str | None = opt(None, "a generated-scenes folder: also align the patch tokens around each drawn object "
+                              "with its phrase ('a small red square'; train/regions.py)")
+    region_batch: int = opt(64, "scenes per step for --regions")
+    region_weight: float = opt(1.0, "weight of the region loss beside the contrastive one")
     # optimisation
     batch_size: int = opt(64, "global batch: the negatives of the contrastive loss")
     accum: int = opt(1, "micro-batches per step (GradCache: same gradients as the full batch)")
@@ -59,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum {self.accum}")
         if self.hard_negatives and self.accum > 1:
             raise ValueError("hard_negatives does not work with accum > 1 (GradCache) yet")
+        if self.regions and self.accum > 1:
+            raise ValueError("regions does not work with accum > 1 (GradCache) yet")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("need steps >= 1 and batch_size >= 2 (a contrastive batch needs negatives)")
 

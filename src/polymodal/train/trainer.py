@@ -188,6 +188,14 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
     # whose sharded embeddings are whole only inside the model's forward).
     text_locked = not any(p.requires_grad for p in model.text.parameters())
     text_cache = FrozenTextCache(model.text) if text_locked and not fsdp else None
+    regions = phrase_tokens = None
+    if cfg.regions:
+        from polymodal.train.regions import PHRASES, RegionBatches
+
+        if is_dist():
+            raise ValueError("--regions runs on one process (no torchrun) for now")
+        regions = RegionBatches(cfg.regions, model.cfg.image_transform, batch_size=cfg.region_batch, seed=cfg.seed)
+        phrase_tokens = tokenizer(list(PHRASES))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
 
@@ -214,6 +222,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
                     text, neg = text[:B], text[B:]
                     negatives = {"negatives": neg, "has_negative": batch["has_negative"].to(device)}
                 terms = loss_fn(output.image_embeds, text, output.logit_scale, **negatives)
+                if regions is not None:
+                    terms.update(_region_terms(model, regions.batch(step), phrase_tokens, text_cache, cfg.region_weight))
                 total_loss(terms).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -228,6 +238,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
             metrics = {"step": done, "loss": total_loss(terms).item(), "lr": optimizer.param_groups[0]["lr"],
                        "logit_scale": terms["logit_scale"].item(), "grad_norm": grad_norm.item(),
                        "samples_per_s": samples / elapsed, "skipped": skipped}
+            if "region_loss" in terms:
+                metrics.update(region_loss=terms["region_loss"].item(), region_acc=terms["region_acc"].item())
             if is_main():
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -243,6 +255,17 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
         bar.stop()
     stream.close()
     return metrics
+
+
+def _region_terms(model: CLIP, batch, phrase_tokens: dict, text_cache, weight: float) -> dict:
+    """The region loss of one scene batch (train/regions.py), scaled by `weight`."""
+    from polymodal.train.regions import region_terms
+
+    ids, mask = phrase_tokens["input_ids"], phrase_tokens["attention_mask"]
+    phrases = model.text_features(ids, mask, pooled=text_cache(ids, mask) if text_cache else None)  # normalised
+    terms = region_terms(model, batch, phrases)
+    terms["region_loss"] = weight * terms["region_loss"]
+    return terms
 
 
 def _progress_bar(total: int, start: int):
