@@ -95,7 +95,7 @@ class RegionBatches:
 def pooling_weights(where: Tensor, grid: int) -> Tensor:
     """(M, grid * grid) weights over the patches, summing to 1: a Gaussian around each object's centre
     with a standard deviation of 0.75 of its circumradius (at least half a patch)."""
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    centres = (torch.arange(grid, dtype=torch.float32, device=where.device) + 0.5) / grid
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")  # row-major like the patch sequence
     d2 = (cx.flatten()[None] - where[:, 1:2]) ** 2 + (cy.flatten()[None] - where[:, 2:3]) ** 2  # (M, P)
     sigma = torch.clamp(0.75 * where[:, 3:4], min=0.5 / grid)

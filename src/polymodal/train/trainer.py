@@ -259,9 +259,11 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
 
 def _region_terms(model: CLIP, batch, phrase_tokens: dict, text_cache, weight: float) -> dict:
     """The region loss of one scene batch (train/regions.py), scaled by `weight`."""
-    from polymodal.train.regions import region_terms
+    from polymodal.train.regions import RegionBatch, region_terms
 
-    ids, mask = phrase_tokens["input_ids"], phrase_tokens["attention_mask"]
+    device = model.logit_scale.device
+    batch = RegionBatch(batch.pixels.to(device), batch.where.to(device), batch.labels.to(device))
+    ids, mask = phrase_tokens["input_ids"].to(device), phrase_tokens["attention_mask"].to(device)
     phrases = model.text_features(ids, mask, pooled=text_cache(ids, mask) if text_cache else None)  # normalised
     terms = region_terms(model, batch, phrases)
     terms["region_loss"] = weight * terms["region_loss"]
