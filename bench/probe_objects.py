@@ -30,7 +30,7 @@ from polymodal.train.regions import PHRASES, RegionBatch, phrase_of, region_embe
 
 
 def ridge(X: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
-    """Held-out predictions (last 20%) of the best of four ridge penalties, and which rows they are."""
+    """Whether each held-out row (the last 20%) is named right, under the best of four ridge penalties."""
     X = X.double()
     X = torch.cat([(X - X.mean(0)) / (X.std(0) + 1e-6), torch.ones(len(X), 1, dtype=X.dtype)], 1)
     Y = torch.nn.functional.one_hot(y, classes).double()
@@ -90,7 +90,7 @@ def main() -> None:
 
     scores = embeds @ phrases.t()  # (M, 64)
     phrase_right = scores.argmax(1) == labels
-    same = [[PHRASES.index(f"a {o['size']} {o['colour']} {s}") for s in SHAPES] for o in objects]
+    same = [[phrase_of({**o, "shape": s}) for s in SHAPES] for o in objects]  # its size and colour
     shape_right = scores.gather(1, torch.tensor(same)).argmax(1) == shape
     n = int(0.8 * len(objects))
     probe_shape, probe_colour = ridge(around, shape, len(SHAPES)), ridge(around, colour, len(COLOURS))
