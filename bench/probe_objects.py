@@ -26,7 +26,7 @@ import torch
 import polymodal
 from polymodal.data.scenes import COLOURS, RADIUS, SHAPES
 from polymodal.processing.image import load_image, preprocess
-from polymodal.train.regions import PHRASES, RegionBatch, phrase_of, region_embeddings
+from polymodal.train.regions import PHRASES, phrase_of, pool_regions
 
 
 def ridge(X: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
@@ -70,16 +70,13 @@ def main() -> None:
     shape = torch.tensor([SHAPES.index(o["shape"]) for o in objects])
     colour = torch.tensor([list(COLOURS).index(o["colour"]) for o in objects])
 
-    tokens, embeds = [], []
+    tokens = []
     with torch.no_grad():
         for s in range(0, len(rows), 250):
             pixels = preprocess([load_image(args.data / r["image"]) for r in rows[s:s + 250]], model.cfg.image_transform)
             tokens.append(model.visual.norm_post(model.visual(pixels).tokens[:, 1:]))
-            part = (where[:, 0] >= s) & (where[:, 0] < s + 250)
-            w = where[part].clone()
-            w[:, 0] -= s
-            embeds.append(region_embeddings(model, RegionBatch(pixels, w, labels[part])))
-        tokens, embeds = torch.cat(tokens), torch.cat(embeds)
+        tokens = torch.cat(tokens)
+        embeds = pool_regions(model, tokens, where)  # as region training pools them
         ids = embedder.tokenizer(list(PHRASES))
         phrases = model.text_features(ids["input_ids"], ids["attention_mask"])
     g = int(round(tokens.shape[1] ** 0.5))

@@ -106,9 +106,14 @@ def region_embeddings(model, batch: RegionBatch) -> Tensor:
     """(M, embed_dim), L2-normalised: each object's pooled patch tokens in the joint space."""
     visual = model.visual
     tokens = visual.norm_post(visual(batch.pixels).tokens[:, 1:])  # (B, P, width): the VLM reads these
-    grid = int(round(tokens.shape[1] ** 0.5))
-    weights = pooling_weights(batch.where, grid)  # (M, P)
-    pooled = torch.einsum("mp,mpw->mw", weights, tokens[batch.where[:, 0].long()])  # (M, width)
+    return pool_regions(model, tokens, batch.where)
+
+
+def pool_regions(model, tokens: Tensor, where: Tensor) -> Tensor:
+    """tokens (B, P, width): patch tokens through norm_post; where (M, 4) as RegionBatch.where ->
+    (M, embed_dim), L2-normalised: each object's pooled tokens through the visual projection."""
+    weights = pooling_weights(where, int(round(tokens.shape[1] ** 0.5)))  # (M, P)
+    pooled = torch.einsum("mp,mpw->mw", weights, tokens[where[:, 0].long()])  # (M, width)
     return F.normalize(model.visual_proj(pooled), dim=-1)
 
 
@@ -120,5 +125,5 @@ def region_terms(model, batch: RegionBatch, phrase_embeds: Tensor) -> dict[str, 
             "region_acc": (logits.argmax(1) == batch.labels).float().mean().detach()}
 
 
-__all__ = ["PHRASES", "RegionBatch", "RegionBatches", "phrase_of", "pooling_weights", "region_embeddings",
+__all__ = ["PHRASES", "RegionBatch", "RegionBatches", "phrase_of", "pool_regions", "pooling_weights", "region_embeddings",
            "region_terms"]
