@@ -234,28 +234,36 @@ def test_followup_chats_are_the_llms_own_answers_and_are_kept(parts, tmp_path, m
     assert _whole_sentences("no end", truncated=False) == "no end" == _whole_sentences("no end")
 
 
-def test_a_run_killed_in_stage_2_resumes_to_the_same_weights(parts, tmp_path):
+def test_a_run_killed_in_either_stage_resumes_to_the_same_weights(parts, tmp_path):
     r = recipe(parts, save_every=2)
-    r = VLMRecipe.from_dict({**r.to_dict(), "stage1": {**r.to_dict()["stage1"], "steps": 3},
+    r = VLMRecipe.from_dict({**r.to_dict(), "stage1": {**r.to_dict()["stage1"], "steps": 5},
                              "stage2": {**r.to_dict()["stage2"], "steps": 6}})
     whole = train_vlm(r, parts / "colours", tmp_path / "whole")
 
     class Killed(Exception):
         pass
 
-    def kill_at_5(stage, step, row):
-        if stage == "stage2" and step == 5:
-            raise Killed
+    def kill_at(at_stage, at_step):
+        def on_step(stage, step, row):
+            steps.append((stage, step))
+            if (stage, step) == (at_stage, at_step):
+                raise Killed
+        return on_step
 
-    with pytest.raises(Killed):
-        train_vlm(r, parts / "colours", tmp_path / "killed", on_step=kill_at_5)
     steps = []
-    again = train_vlm(r, parts / "colours", tmp_path / "killed", on_step=lambda stage, step, row: steps.append(step))
-    assert steps == [5, 6]  # from the state saved at step 4; stage 1 was kept
+    with pytest.raises(Killed):
+        train_vlm(r, parts / "colours", tmp_path / "killed", on_step=kill_at("stage1", 3))
+    steps.clear()
+    with pytest.raises(Killed):
+        train_vlm(r, parts / "colours", tmp_path / "killed", on_step=kill_at("stage2", 5))
+    assert steps[:3] == [("stage1", 3), ("stage1", 4), ("stage1", 5)]  # from stage 1's state saved at step 2
+    steps.clear()
+    again = train_vlm(r, parts / "colours", tmp_path / "killed", on_step=kill_at(None, None))
+    assert steps == [("stage2", 5), ("stage2", 6)]  # from the state saved at step 4; stage 1 was kept
     a, b = read_state_dict(whole / "model.safetensors"), read_state_dict(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
-    assert {"stage": "stage2", "resumed_at": 4} in rows
+    assert {"stage": "stage1", "resumed_at": 2} in rows and {"stage": "stage2", "resumed_at": 4} in rows
 
 
 def test_relation_negatives_are_the_same_images_captions_made_false(parts):
@@ -418,3 +426,25 @@ def test_instruction_aware_queries_read_the_question(parts, tmp_path):
     session.send("How many shapes are there?", max_new_tokens=2)
     session.send("What colour is the circle?", max_new_tokens=2)
     assert seen == [vlm.encode("How many shapes are there?", specials=False)] * 2
+
+
+def test_qa_text_makes_stage_1_texts_the_scenes_own_questions_and_answers(parts):
+    _, _, _, _, qtok = build_models(recipe(parts))
+    examples = load_examples(parts / "scenes")
+    features = torch.randn(len(examples), 17, 8)
+    assert VLMRecipe.from_dict({"qa_text": 0.5}).qa_text == 0.5
+
+    def texts(batch):
+        return [qtok.decode(row[row != qtok.pad_id]) for row in batch["input_ids"]]
+
+    def own_qa(i):
+        return {f"{qa['q']} {qa['a']}" for qa in examples[i]["qa"]}
+
+    plain = next(stage1_batches(examples, features, qtok, batch_size=16, max_text=40, weights={}, seed=3))
+    asked = next(stage1_batches(examples, features, qtok, batch_size=16, max_text=40, weights={}, seed=3,
+                                qa_text=1.0))
+    assert torch.equal(plain["features"], asked["features"])  # the same images: only their texts change
+    rows = [next(i for i in range(len(examples)) if torch.equal(features[i], f)) for f in asked["features"]]
+    assert all(t in own_qa(i) for t, i in zip(texts(asked), rows, strict=True))
+    assert not any(t in own_qa(i) for t, i in zip(texts(plain), rows, strict=True))  # off by default: captions
+    assert asked["seed"].item() == plain["seed"].item()

@@ -102,7 +102,11 @@ def stage1_terms(model: Blip2Stage1, batch: dict[str, Tensor]) -> dict[str, Tens
     negatives = batch.get("negative_ids")
     if negatives is not None:  # false captions of the batch's own images (train/vlm.py stage1_batches)
         negatives = (negatives, batch["negative_mask"], batch["negative_rows"])
-    out = model(batch.get("pixels"), ids, mask, targets=targets, features=batch.get("features"), negatives=negatives)
+    generator = None  # `seed`: the batch's own ITM negatives, the same in a resumed run
+    if batch.get("seed") is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(int(batch["seed"]))
+    out = model(batch.get("pixels"), ids, mask, targets=targets, features=batch.get("features"), negatives=negatives,
+                generator=generator)
     terms = {"itc_loss": out.itc_loss, "itm_loss": out.itm_loss}
     if out.itg_loss is not None:
         terms["itg_loss"] = out.itg_loss

@@ -20,6 +20,7 @@ per batch, without gradients (`chat_loss`). Only the answer positions go through
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -74,8 +75,12 @@ class VLMRecipe:
     chat_weight: float = 0.0  # the share of stage-2 rows that are such chats
     relation_negatives: float = 0.0  # the share of stage-1 scenes captioned by their relation, the relation
     # swapped as an extra ITM negative of the same image (swap_relation): the queries must keep where things are
+    qa_text: float = 0.0  # the share of stage-1 texts of an image with questions (scenes) that are one of them and
+    # its answer ("what colour is the star? red"): ITG must answer from the queries alone, so they learn to hold
+    # every object's colour and shape, not only what a caption leads with
     instruction: bool = False  # InstructBLIP: stage 2's queries read the question (Blip2Config.instruction)
-    save_every: int = 100  # stage 2 keeps its state every this many steps (stage2-state.*), so a kill resumes
+    save_every: int = 100  # each stage keeps its state every this many steps (stage1-state.*, stage2-state.*),
+    # so a kill resumes
     seed: int = 0
 
     @classmethod
@@ -208,15 +213,17 @@ def _pick(examples: list[dict], weights: dict[str, float], rng: random.Random) -
 
 def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_size: int, max_text: int,
                    weights: dict[str, float], seed: int = 0,
-                   relation_negatives: float = 0.0) -> Iterator[dict[str, Tensor]]:
+                   relation_negatives: float = 0.0, qa_text: float = 0.0) -> Iterator[dict[str, Tensor]]:
     """Stage-1 batches of distinct images (ITC's in-batch negatives are then true ones), one random
-    caption each: `features`, `input_ids`, `attention_mask` ([CLS] text [SEP], right-padded).
+    caption each: `features`, `input_ids`, `attention_mask` ([CLS] text [SEP], right-padded), and
+    `seed`, which seeds the batch's ITM negative mining: a run resumed mid-stage mines the same ones.
     With relation_negatives, that share of the scenes with a relation caption take it, and the
     batch also carries it swapped (`negative_ids`, `negative_mask`, `negative_rows`: the row whose
-    image it does not match)."""
+    image it does not match). With qa_text, that share of the images with question-answer pairs take
+    one of them as their text instead, the question and its answer ("what colour is the star? red")."""
     rng = random.Random(seed)
     picks = _pick(examples, weights, rng)
-    while True:
+    for n in itertools.count():
         chosen: list[int] = []
         while len(chosen) < batch_size:
             i = next(picks)
@@ -226,7 +233,11 @@ def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_s
         for r, i in enumerate(chosen):
             related = [(c, swap_relation(c)) for c in examples[i]["captions"]]
             related = [(c, f) for c, f in related if f is not None]
-            if related and relation_negatives > 0 and rng.random() < relation_negatives:
+            qa = examples[i]["qa"]
+            if qa and qa_text > 0 and rng.random() < qa_text:
+                pair = rng.choice(qa)
+                texts.append(f"{pair['q']} {pair['a']}")
+            elif related and relation_negatives > 0 and rng.random() < relation_negatives:
                 caption, swapped = rng.choice(related)
                 texts.append(caption)
                 false.append(swapped)
@@ -234,7 +245,8 @@ def stage1_batches(examples: list[dict], features: Tensor, tokenizer, *, batch_s
             else:
                 texts.append(rng.choice(examples[i]["captions"]))
         input_ids, mask = _padded([tokenizer.encode(t)[:max_text] for t in texts], tokenizer.pad_id)
-        batch = {"features": features[chosen], "input_ids": input_ids, "attention_mask": mask}
+        batch = {"features": features[chosen], "input_ids": input_ids, "attention_mask": mask,
+                 "seed": torch.tensor(seed * 1_000_003 + n)}
         if false:
             batch["negative_ids"], batch["negative_mask"] = _padded(
                 [tokenizer.encode(t)[:max_text] for t in false], tokenizer.pad_id)
@@ -368,7 +380,7 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     `metrics.jsonl` (one line per step and stage) and `recipe.json`. on_features(done, total) follows
     the ViT features' computation, on_chats(done, total) the follow-up chats' generation,
     on_step(stage, step, metrics) the training. What is slow to redo is kept in `out` (the features,
-    the chats, stage 1's weights, stage 2's state every `save_every` steps), so a rerun after a kill
+    the chats, each stage's state every `save_every` steps, stage 1's weights), so a rerun after a kill
     picks up from there."""
     from polymodal.checkpoints.vlm_io import save_vlm
     from polymodal.train.blip2 import train_blip2
@@ -377,8 +389,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     metrics = out / "metrics.jsonl"
-    if not (out / "stage1.safetensors").is_file():
-        metrics.write_text("")
+    if not (out / "stage1.safetensors").is_file() and not (out / "stage1-state.safetensors").is_file():
+        metrics.write_text("")  # a fresh run: else a rerun goes on where the last one stopped
     torch.manual_seed(recipe.seed)
     stage1, stage2, lm_tokenizer, template, qtok = build_models(recipe)
     examples = load_examples(data, "train")
@@ -411,8 +423,19 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         train_cfg = _train_config(recipe.stage1)
         batches = stage1_batches(examples, features, qtok, batch_size=recipe.stage1.batch_size,
                                  max_text=recipe.max_text, weights=recipe.weights, seed=recipe.seed,
-                                 relation_negatives=recipe.relation_negatives)
-        train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"))
+                                 relation_negatives=recipe.relation_negatives, qa_text=recipe.qa_text)
+
+        def resume1(optimizer) -> int:
+            step = load_state(out, stage1, optimizer, frozen=FROZEN, name="stage1-state")
+            if step:
+                _log(metrics, {"stage": "stage1", "resumed_at": step})
+            return step
+
+        def save1(step: int, optimizer) -> None:
+            if step % recipe.save_every == 0 and step < recipe.stage1.steps:
+                save_state(out, stage1, optimizer, step, frozen=FROZEN, name="stage1-state")
+
+        train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"), resume=resume1, save=save1)
         save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(stage1_file.with_suffix(".tmp")))
         stage1_file.with_suffix(".tmp").replace(stage1_file)
 
