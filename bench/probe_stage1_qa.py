@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="A `polymodal train vlm` output directory.")
     ap.add_argument("--data", type=Path, required=True, help="The mix it trains on (its test split).")
-    ap.add_argument("--per-type", type=int, default=300, help="Questions per type (100 a type swings by about 0.1).")
+    ap.add_argument("--per-type", type=int, default=300, help="Questions per type (two draws of 100 differed by up to 0.2).")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
