@@ -372,6 +372,22 @@ def _log(path: Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _checkpoints(out: Path, model, stage: str, metrics: Path, every: int, steps: int):
+    """`train_blip2`'s (resume, save) for one stage: its state (the trained parts and the optimizer) kept in
+    `out` as `<stage>-state.*` every `every` steps and at the last, as train/speech_bridge.py does."""
+    def resume(optimizer) -> int:
+        step = load_state(out, model, optimizer, frozen=FROZEN, name=f"{stage}-state")
+        if step:
+            _log(metrics, {"stage": stage, "resumed_at": step})
+        return step
+
+    def save(step: int, optimizer) -> None:
+        if step % every == 0 or step == steps:
+            save_state(out, model, optimizer, step, frozen=FROZEN, name=f"{stage}-state")
+
+    return resume, save
+
+
 def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
               on_step: Callable[[str, int, dict], None] | None = None,
               on_features: Callable[[int, int], None] | None = None,
@@ -424,18 +440,8 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         batches = stage1_batches(examples, features, qtok, batch_size=recipe.stage1.batch_size,
                                  max_text=recipe.max_text, weights=recipe.weights, seed=recipe.seed,
                                  relation_negatives=recipe.relation_negatives, qa_text=recipe.qa_text)
-
-        def resume1(optimizer) -> int:
-            step = load_state(out, stage1, optimizer, frozen=FROZEN, name="stage1-state")
-            if step:
-                _log(metrics, {"stage": "stage1", "resumed_at": step})
-            return step
-
-        def save1(step: int, optimizer) -> None:
-            if step % recipe.save_every == 0 and step < recipe.stage1.steps:
-                save_state(out, stage1, optimizer, step, frozen=FROZEN, name="stage1-state")
-
-        train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"), resume=resume1, save=save1)
+        resume, save = _checkpoints(out, stage1, "stage1", metrics, recipe.save_every, recipe.stage1.steps)
+        train_blip2(stage1, batches, train_cfg, on_step=logger("stage1"), resume=resume, save=save)
         save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, str(stage1_file.with_suffix(".tmp")))
         stage1_file.with_suffix(".tmp").replace(stage1_file)
 
@@ -455,17 +461,7 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
                             instructions=stage2.cfg.qformer.context_length if recipe.instruction else 0)
     terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"],  # noqa: E731
                                                b.get("instruction"), b.get("instruction_mask"))}
-
-    def resume(optimizer) -> int:
-        step = load_state(out, stage2, optimizer, frozen=FROZEN, name="stage2-state")
-        if step:
-            _log(metrics, {"stage": "stage2", "resumed_at": step})
-        return step
-
-    def save(step: int, optimizer) -> None:
-        if step % recipe.save_every == 0 or step == recipe.stage2.steps:  # as train/speech_bridge.py
-            save_state(out, stage2, optimizer, step, frozen=FROZEN, name="stage2-state")
-
+    resume, save = _checkpoints(out, stage2, "stage2", metrics, recipe.save_every, recipe.stage2.steps)
     train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms,
                 resume=resume, save=save)
     stage2.eval()
