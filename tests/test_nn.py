@@ -14,10 +14,12 @@ from polymodal.nn import (
     RMSNorm,
     SplitLinear,
     column_major_,
+    fbgemm_half,
     one_row_layout_,
     quick_gelu,
     split_linear,
 )
+from polymodal.nn.layout import is_packed_half
 
 torch.manual_seed(0)
 
@@ -219,3 +221,29 @@ def test_pre_and_post_norm_blocks_with_cross_attention():
     # post-norm ends in a LayerNorm: every token has zero mean, unit variance
     y = Block(32, 4, 64, pre_norm=False)(x)
     torch.testing.assert_close(y.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+
+
+def test_float16_packs_only_for_float16_values_and_never_stale():
+    if not fbgemm_half():
+        pytest.skip("no FBGEMM in this torch build")
+    torch.manual_seed(0)
+    block = Block(32, 4, 64, act="gelu", norm="layer", cross_dim=24)
+    with torch.no_grad():  # float16 values everywhere but the MLP's up-projection
+        for name, p in block.named_parameters():
+            p.copy_(p.half().float() if not name.startswith("mlp.up") else p)
+    head = torch.nn.Parameter(torch.randn(50, 32).half().float())
+    x, ctx = torch.randn(1, 1, 32), torch.randn(1, 9, 24)
+    with torch.no_grad():
+        y = F.linear(block(x, ctx), head)
+        one_row_layout_(block, head, half=True)
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert {n for n, m in linears.items() if is_packed_half(m.weight)} == set(linears) - {"mlp.up"}
+        assert is_packed_half(head) and not is_packed_half(block.mlp.up.weight)
+        torch.testing.assert_close(split_linear(block(x, ctx), head), y, atol=1e-5, rtol=0)
+        block.mlp.down.weight.mul_(2)  # changed in place: the pack is stale, the new weight counts
+        assert not is_packed_half(block.mlp.down.weight)
+        down = block.mlp.down
+        h = torch.randn(1, 1, 64)
+        torch.testing.assert_close(down(h), F.linear(h, down.weight, down.bias), atol=1e-6, rtol=0)
+    F.linear(block(x, ctx), head).sum().backward()  # with gradients: plain Linears, which train
+    assert all(p.grad is not None for p in block.parameters())

@@ -14,7 +14,8 @@ from polymodal.checkpoints.hf_whisper import hf_generation_config, load_hf_whisp
 from polymodal.checkpoints.state import CheckpointError
 from polymodal.generation import generate
 from polymodal.models.whisper import Whisper, WhisperConfig, logits_rules
-from polymodal.nn import column_major_
+from polymodal.nn import column_major_, fbgemm_half, one_row_layout_
+from polymodal.nn.layout import is_packed_half
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,16 +83,37 @@ def test_encoder_and_logits_equal_transformers(pair):
         assert (ours(mel, ids, eager=True).logits - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def half_valued(model):
+    """A copy whose every weight is a float16 value (as a checkpoint published in float16), in float32."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "float16 packs"])
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_greedy_equals_transformers(pair, timestamps, layout):
     hf, ours = pair
+    torch.manual_seed(2)
+    mel = torch.randn(3, 80, 60)
     if layout == "column-major":  # as ASR lays out its decoder for one-token steps on a CPU
         ours = copy.deepcopy(ours)
         column_major_(ours.decoder, ours.decoder.token_embed.weight)
         assert ours.decoder.token_embed.weight.t().is_contiguous()
-    torch.manual_seed(2)
-    mel = torch.randn(3, 80, 60)
+    if layout == "float16 packs":  # float16-valued weights read from float16 packs, as ASR does for tiny.en
+        if not fbgemm_half():
+            pytest.skip("no FBGEMM in this torch build")
+        hf, ours = half_valued(hf), half_valued(ours)
+        one_row_layout_(ours.decoder, ours.decoder.token_embed.weight, half=True)
+        packed = [m for m in ours.decoder.modules() if isinstance(m, torch.nn.Linear)]
+        assert packed and all(is_packed_half(m.weight) for m in packed)
+        assert is_packed_half(ours.decoder.token_embed.weight)
+        ids = torch.randint(0, 140, (3, 1))
+        with torch.no_grad(), ours.decoding(ours.encode(mel)) as decoding:  # one-token logits through the packs
+            got = decoding(ids, cache=decoding.new_cache(3, 4)).logits
+            assert (got - hf(input_features=mel, decoder_input_ids=ids).logits).abs().max() <= 1e-4
     out = ours_generate(ours, mel, timestamps, max_new_tokens=20)
     with torch.no_grad():
         ref = hf.generate(mel, max_new_tokens=20, return_timestamps=timestamps)

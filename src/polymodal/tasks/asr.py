@@ -15,7 +15,9 @@ On a CPU the encoder runs on torch's threads and the decoder on `decode_threads`
 is a chain of one-row products: most gain nothing from a second thread (MKL runs them on one), but
 the largest, the logits, is split in two blocks of the vocabulary (nn/layout.py's `split_linear`)
 and cross-attention's heads are shared out: on a quiet 2-core machine two threads decode about 15%
-faster than one. With another job on the machine they decode nearly 2x slower (OpenMP threads
+faster than one. tiny.en's weights are float16 values (its model.bin is float16), so the decoder
+reads them from float16 packs (`one_row_layout_(..., half=True)`: FBGEMM widens them to float32
+and computes in float32, nothing lost; half the bytes a step, about 8% faster a recording). With another job on the machine they decode nearly 2x slower (OpenMP threads
 waiting on a descheduled peer: 7.3 s against 4.0 s on 60 s of talk). So by default ("auto") each
 window measures, over its encoder run, how many cores the rest of the machine kept busy
 (`CoreMeter`, Linux's /proc/stat) and decodes on two threads only when two are free.
@@ -196,7 +198,7 @@ class ASR:
         self.model, self.tokenizer, self.audio_ctx = model, tokenizer, audio_ctx
         self.decode_threads = decode_threads
         self._meter = CoreMeter()
-        one_row_layout_(model.decoder, model.decoder.token_embed.weight)  # one token a step (nn/layout.py)
+        one_row_layout_(model.decoder, model.decoder.token_embed.weight, half=True)  # nn/layout.py
         self.cfg: WhisperConfig = model.cfg
 
     @classmethod
