@@ -132,6 +132,31 @@ def test_long_recording_is_stitched_across_windows(asr, clips, tmp_path):
     assert abs(window["start"] - starts[2]) < 3.0  # the third sentence starts at 24 s
 
 
+def test_chunked_long_form_cuts_at_pauses_and_batches(asr, clips, tmp_path):
+    """The opt-in chunked long form: six sentences 12 s apart (72 s) cut at pauses into three chunks,
+    decoded two at a time (two batches, the recording streamed): every sentence, in order, at its time,
+    and the word error rate within the bound of the clips alone."""
+    parts, starts = [], []
+    for path in clips:
+        a = load_audio(path)
+        starts.append(sum(p.shape[0] for p in parts) / 16000)
+        parts += [a, np.zeros(12 * 16000 - a.shape[0], np.float32)]
+    wave = np.concatenate(parts)
+    sf.write(tmp_path / "long.wav", wave, 16000)
+    seen = []
+    r = asr.transcribe(tmp_path / "long.wav", chunked=True, batch_size=2, on_window=seen.append)
+    assert abs(r["seconds"] - wave.shape[0] / 16000) < 0.05
+    assert len(seen) == 2 and seen == sorted(seen)  # two batches of chunks, progress in between
+    assert word_error_rate(" ".join(SENTENCES), r["text"]) <= WER_BOUND, r["text"]
+    segs = r["segments"]
+    assert all(a["end"] <= b["start"] + 0.5 for a, b in zip(segs, segs[1:], strict=False))
+    for key, start in (("hello", starts[0]), ("window", starts[2]), ("guitar", starts[5])):
+        seg = next(s for s in segs if key in s["text"].lower())
+        assert abs(seg["start"] - start) < 3.0, (key, seg)
+    with pytest.raises(ValueError, match="batch_size"):
+        asr.transcribe(tmp_path / "long.wav", chunked=True, batch_size=0)
+
+
 def test_segments_follow_openai_rules(asr):
     cfg, ts = asr.cfg, asr.cfg.timestamp_begin
     # <|0.00|> a b <|1.00|><|1.50|> c <|2.00|>  : two segments, ends with a lone timestamp -> all consumed
@@ -176,6 +201,11 @@ def test_cli_transcribe_say_spectrogram(clips, tmp_path):
     r = runner.invoke(app, ["transcribe", str(spoken), "--timestamps"])
     assert r.exit_code == 0 and r.stdout.startswith("[00:00.00 -> "), r.output
     assert word_error_rate("Thank you very much for your help.", r.stdout.split("] ", 1)[1]) == 0.0
+    a = load_audio(spoken)  # 40 s: the sentence, a pause, the sentence again
+    sf.write(tmp_path / "twice.wav", np.concatenate([a, np.zeros(40 * 16000 - 2 * a.shape[0], np.float32), a]), 16000)
+    r = runner.invoke(app, ["transcribe", str(tmp_path / "twice.wav"), "--chunked", "--json"])
+    assert r.exit_code == 0, r.output
+    assert word_error_rate("Thank you very much for your help. " * 2, json.loads(r.stdout)["text"]) == 0.0
     r = runner.invoke(app, ["spectrogram", str(clips[0]), "--out", str(tmp_path / "mel.png"), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["windows"] == 1
     from PIL import Image
@@ -199,10 +229,11 @@ def test_ten_minutes_with_one_sentence_skips_the_silence(asr, clips, tmp_path):
         f.write(np.zeros(300 * 8000, np.float32))
         f.write(low)
         f.write(np.zeros(300 * 8000 - low.shape[0], np.float32))
-    r = asr.transcribe(path)
-    assert abs(r["seconds"] - 600) < 0.1
-    (seg,) = r["segments"]
-    assert "window" in seg["text"].lower() and 299 <= seg["start"] <= 302
+    for chunked in (False, True):  # the chunked long form too: the same sentence, at the same time
+        r = asr.transcribe(path, chunked=chunked)
+        assert abs(r["seconds"] - 600) < 0.1
+        (seg,) = r["segments"]
+        assert "window" in seg["text"].lower() and 299 <= seg["start"] <= 302, (chunked, seg)
 
 
 def test_speaking_back(tmp_path, monkeypatch):

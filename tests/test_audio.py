@@ -15,6 +15,7 @@ from polymodal.processing.audio import (
     AudioError,
     load_audio,
     log_mel,
+    quiet_spans,
     stream_audio,
 )
 
@@ -123,3 +124,26 @@ def test_a_long_recording_streams_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert abs(total - 20 * 60 * SAMPLE_RATE) <= 4
     assert peak < 12e6, peak
+
+
+def test_quiet_spans_cut_in_the_middle_of_pauses():
+    """Bursts of noise (speech stand-ins) with pauses of known places: every cut lands inside a pause,
+    in the longest one in reach, 0.3 s before the talk resumes, and the spans tile the recording, none
+    over 30 s."""
+    rng = np.random.default_rng(0)
+    sr = 16000
+    # talk 0-9 s, pause 9-10, talk 10-21, pause 21-24 (the longest in 20-30 s), talk 24-27, pause 27-27.5,
+    # talk 27.5-52, pause 52-53, talk 53-70
+    talk = [(0, 9), (10, 21), (24, 27), (27.5, 52), (53, 70)]
+    audio = np.zeros(70 * sr, np.float32)
+    for a, b in talk:
+        audio[int(a * sr):int(b * sr)] = rng.normal(0, 0.1, int(b * sr) - int(a * sr))
+    audio += rng.normal(0, 1e-4, audio.shape[0]).astype(np.float32)  # a quiet room, not digital silence
+    spans = quiet_spans(audio)
+    assert spans[0][0] == 0 and spans[-1][1] == audio.shape[0]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # contiguous
+    assert all(0 < b - a <= 30 * sr for a, b in spans)
+    cuts = [b / sr for _, b in spans[:-1]]
+    assert abs(cuts[0] - 23.7) < 0.1  # near the end of the 3 s pause, not its first quiet frame
+    assert 52.5 < cuts[1] < 53  # in the 52-53 s pause: the only quiet between 43.7 and 53.7 s
+    assert quiet_spans(audio[:20 * sr]) == [(0, 20 * sr)]

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +52,12 @@ from polymodal.processing.audio import (
     audio_info,
     audio_input,
     log_mel,
+    quiet_spans,
     stream_audio,
 )
+from polymodal.tasks.cores import CoreMeter, threads_for
 from polymodal.tasks.folder import pending_files
+from polymodal.tasks.wer import normalise_words, word_error_rate
 
 SECONDS_PER_TIMESTAMP = 0.02
 SILENCE_DBFS = -60.0
@@ -116,10 +117,12 @@ def dbfs(audio: np.ndarray) -> float:
     return 20.0 * np.log10(max(rms, 1e-12))
 
 
-def segments_of(tokens: list[int], cfg: WhisperConfig, window_seconds: float) -> tuple[list[tuple], float, bool]:
+def segments_of(tokens: list[int], cfg: WhisperConfig, window_seconds: float,
+                keep_tail: bool = False) -> tuple[list[tuple], float, bool]:
     """A window's tokens (timestamps kept, no end token) -> ([(start s, end s, text tokens)], seconds
     consumed, complete). OpenAI's rule: the window is consumed up to its last complete segment unless
-    it ends with a lone timestamp (or has no timestamp pair), when all of it is."""
+    it ends with a lone timestamp (or has no timestamp pair), when all of it is. keep_tail: a chunk
+    that nothing follows keeps its unfinished last segment too, ending at the window's end."""
     ts = cfg.timestamp_begin
     is_ts = [t >= ts for t in tokens]
     single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
@@ -135,54 +138,17 @@ def segments_of(tokens: list[int], cfg: WhisperConfig, window_seconds: float) ->
             last = cut
         if single_ending:
             return segments, window_seconds, True
-        return segments, (tokens[last - 1] - ts) * SECONDS_PER_TIMESTAMP, False
+        tail_start = (tokens[last - 1] - ts) * SECONDS_PER_TIMESTAMP
+        if keep_tail:
+            tail = [t for t in tokens[last:] if t < cfg.eos_token_id]
+            return segments + ([(tail_start, window_seconds, tail)] if tail else []), window_seconds, True
+        return segments, tail_start, False
     stamps = [t for t, s in zip(tokens, is_ts, strict=True) if s]
     end = window_seconds
     if stamps and stamps[-1] != ts:
         end = (stamps[-1] - ts) * SECONDS_PER_TIMESTAMP
     text = [t for t in tokens if t < cfg.eos_token_id]
     return ([(0.0, end, text)] if text else []), window_seconds, True
-
-
-@contextmanager
-def _threads(n: int | None, device: torch.device):
-    """Run the block on n CPU threads (torch's setting is process-wide; restored afterwards)."""
-    if n is None or device.type != "cpu" or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class CoreMeter:
-    """How many cores other processes kept busy between two calls of `others()`: the machine's busy
-    time (/proc/stat) less this process's CPU time, over the wall time between. None where
-    /proc/stat cannot be read (not Linux), or on the first call."""
-
-    def __init__(self):
-        self.last = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        except (OSError, ValueError):
-            return None
-        own = os.times()
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        return busy, own.user + own.system, time.monotonic()
-
-    def others(self) -> float | None:
-        now, then = self._sample(), self.last
-        self.last = now
-        if now is None or then is None or now[2] - then[2] < 0.05:  # too short to count clock ticks in
-            return None
-        return max(0.0, (now[0] - then[0]) - (now[1] - then[1])) / (now[2] - then[2])
 
 
 class ASR:
@@ -237,7 +203,7 @@ class ASR:
                                logits_hook=logits_rules(cfg, timestamps))
         self._meter.others()  # the next reading covers the encoder's run
         states = self.model.encode(mel)
-        with self.model.decoding(states) as decoding, _threads(self._decode_threads(), mel.device):
+        with self.model.decoding(states) as decoding, threads_for(self._decode_threads(), mel.device):
             out = generate(decoding, ids, config=gen)
         rows = []
         for row, n in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True):
@@ -310,26 +276,76 @@ class ASR:
         return {"text": " ".join(s["text"] for s in segments).strip(), "segments": segments,
                 "seconds": round(offset + buffer.shape[0] / SAMPLE_RATE, 3)}
 
+    def _chunked(self, windows: Iterable[np.ndarray], batch_size: int, num_beams: int = 1,
+                 on_window: Callable[[float], None] | None = None) -> dict:
+        """The chunked long form: the recording (streamed) is cut at quiet points into chunks of at
+        most 30 s (`quiet_spans`), which are decoded batch_size at a time, each on its own, and
+        joined by time. Not OpenAI's sequential form (a chunk does not wait for the one before):
+        a decoding step for 8 rows costs about twice one row's, so this is faster (MODEL_CARD.md)."""
+        buffer = np.zeros(0, dtype=np.float32)
+        offset = 0.0  # seconds from the start of the recording to buffer[0]
+        segments: list[dict] = []
+        source = iter(windows)
+        exhausted = False
+        while not exhausted or buffer.shape[0]:
+            while not exhausted and buffer.shape[0] < (batch_size + 1) * N_SAMPLES:
+                chunk = next(source, None)
+                exhausted = chunk is None
+                if chunk is not None:
+                    buffer = np.concatenate([buffer, chunk])
+            spans = quiet_spans(buffer)
+            if not exhausted:  # the last span may run on into audio not read yet: keep it for later
+                spans = spans[:-1]
+            spans = spans[:batch_size]
+            voiced = [(a, b) for a, b in spans if b - a >= HOP * 2 and dbfs(buffer[a:b]) > SILENCE_DBFS]
+            if voiced:
+                rows = self._generate(self._mel([buffer[a:b] for a, b in voiced]), True, num_beams)
+                for (a, b), tokens in zip(voiced, rows, strict=True):
+                    segs, _, _ = segments_of(tokens, self.cfg, (b - a) / SAMPLE_RATE, keep_tail=True)
+                    start = offset + int(a) / SAMPLE_RATE
+                    for s, e, t in segs:
+                        if text := self.decode(t):
+                            segments.append({"start": round(start + s, 2),
+                                             "end": round(start + min(e, (b - a) / SAMPLE_RATE), 2), "text": text})
+            step = int(spans[-1][1])
+            buffer = buffer[step:]
+            offset += step / SAMPLE_RATE
+            if on_window is not None:
+                on_window(offset)
+        return {"text": " ".join(s["text"] for s in segments).strip(), "segments": segments,
+                "seconds": round(offset, 3)}
+
     # --- the API -----------------------------------------------------------------------------
 
     def transcribe(self, src, *, timestamps: bool = False, num_beams: int = 1, audio_ctx: float | None = None,
+                   chunked: bool = False, batch_size: int = 8,
                    on_window: Callable[[float], None] | None = None) -> dict:
         """A path or a (N,) 16 kHz float32 array -> {"text", "segments", "seconds", "path"}.
 
+        A recording over 30 s goes OpenAI's sequential way, or with chunked=True cut at quiet points
+        and decoded batch_size chunks at a time (`_chunked`: faster, a different long form).
         Raises AudioError (one line naming the input) for unreadable or silent audio."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+
+        def long(windows):
+            if chunked:
+                return self._chunked(windows, batch_size, num_beams, on_window)
+            return self._long(windows, num_beams, on_window)
+
         audio_ctx = self.audio_ctx if audio_ctx is None else audio_ctx
         is_path = not isinstance(src, (np.ndarray, Tensor, list))
         if is_path:
             info = audio_info(src)
             name = str(src)
             if info["seconds"] > N_SAMPLES / SAMPLE_RATE:
-                result = self._long(stream_audio(src), num_beams, on_window)
+                result = long(stream_audio(src))
                 if not result["segments"] and not self._has_sound(stream_audio(src)):
                     raise AudioError(f"{name}: silent (below {SILENCE_DBFS:.0f} dBFS): nothing to transcribe")
                 return {"path": name, **result}
         name, audio = audio_input(src)
         if audio.shape[0] > N_SAMPLES:
-            return {"path": name, **self._long([audio], num_beams, on_window)}
+            return {"path": name, **long([audio])}
         if dbfs(audio) <= SILENCE_DBFS:
             raise AudioError(f"{name}: silent (below {SILENCE_DBFS:.0f} dBFS): nothing to transcribe")
         result = self._short([audio], timestamps, num_beams, audio_ctx)[0]
@@ -341,7 +357,8 @@ class ASR:
         return any(dbfs(w) > SILENCE_DBFS for w in windows)
 
     def transcribe_folder(self, folder, out_jsonl, *, timestamps: bool = False, num_beams: int = 1,
-                          batch_size: int = 8, audio_ctx: float | None = None, progress: bool = False,
+                          batch_size: int = 8, audio_ctx: float | None = None, chunked: bool = False,
+                          progress: bool = False,
                           on_error: Callable[[str, str], None] | None = None) -> dict:
         """Transcribe every audio file under `folder` (sorted), appending {"path", "text", "segments",
         "seconds"} per line to `out_jsonl`, flushed as it goes. A rerun skips the paths already there
@@ -393,7 +410,8 @@ class ASR:
                         info = audio_info(p)
                         if info["seconds"] > N_SAMPLES / SAMPLE_RATE:
                             flush_batch()
-                            write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams))
+                            write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams, chunked=chunked,
+                                                  batch_size=batch_size))
                             if bar is not None:
                                 bar.advance(task)
                             continue
@@ -416,27 +434,4 @@ class ASR:
                 "skipped": skipped, "seconds": round(seconds, 3)}
 
 
-
-
-def normalise_words(text: str) -> list[str]:
-    """Lower case, punctuation dropped (apostrophes kept inside words), split on spaces and hyphens."""
-    import re
-
-    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " "))
-    return [w.strip("'") for w in text.split() if w.strip("'")]
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, on normalised words."""
-    ref, hyp = normalise_words(reference), normalise_words(hypothesis)
-    if not ref:
-        return float(bool(hyp))
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / len(ref)
-
-
-__all__ = ["ASR", "default_asr_dir", "load_whisper", "normalise_words", "save_whisper", "segments_of", "word_error_rate"]
+__all__ = ["ASR", "CoreMeter", "default_asr_dir", "load_whisper", "normalise_words", "save_whisper", "segments_of", "word_error_rate"]
