@@ -10,6 +10,8 @@ A clip of at most 30 s is one encoder window, decoded greedily (or with beams) e
 loaded whole) and decoded with timestamps, OpenAI's way: the window's complete segments are
 kept, and the next window starts at the last complete timestamp, so no word is cut in two.
 A window whose level is below -60 dBFS is silence and is skipped without running the model.
+`chunked=True` (opt-in) is the other long form: the recording cut at pauses into chunks of at most
+30 s (`quiet_spans`), decoded 8 at a time, each on its own, joined by time (`_chunked`).
 
 On a CPU the encoder runs on torch's threads and the decoder on `decode_threads`. A decoding step
 is a chain of one-row products: most gain nothing from a second thread (MKL runs them on one), but
