@@ -71,10 +71,11 @@ def _half_product(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor | None:
     held = _HALF_PACKS.get(id(w))
     if held is None or x.dtype != torch.float32:
         return None
-    b = None if bias is None else (bias.data_ptr(), bias._version)
-    if held[0] != (w.data_ptr(), w._version, b):
+    if held[0][:2] != (w.data_ptr(), w._version):  # w changed since: the pack is stale for good
         del _HALF_PACKS[id(w)]
         return None
+    if held[0][2] != (None if bias is None else (bias.data_ptr(), bias._version)):
+        return None  # another bias than the one packed
     y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), held[1])
     return y.view(*x.shape[:-1], y.shape[-1])
 
