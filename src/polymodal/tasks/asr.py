@@ -16,10 +16,11 @@ A window whose level is below -60 dBFS is silence and is skipped without running
 On a CPU the encoder runs on torch's threads and the decoder on `decode_threads`. A decoding step
 is a chain of one-row products: most gain nothing from a second thread (MKL runs them on one), but
 the largest, the logits, is split in two blocks of the vocabulary (nn/layout.py's `split_linear`)
-and cross-attention's heads are shared out: on a quiet 2-core machine two threads decode about 15%
-faster than one. tiny.en's weights are float16 values (its model.bin is float16), so the decoder
+and cross-attention's heads are shared out: on a quiet 2-core machine two threads decode 15-40%
+faster than one (13.4 ms a step against 18.6 on the slower machine of MODEL_CARD.md). tiny.en's weights are float16 values (its model.bin is float16), so the decoder
 reads them from float16 packs (`one_row_layout_(..., half=True)`: FBGEMM widens them to float32
-and computes in float32, nothing lost; half the bytes a step, about 8% faster a recording). With another job on the machine they decode nearly 2x slower (OpenMP threads
+and computes in float32, nothing lost; half the bytes a step, about 8% faster a recording).
+With another job on the machine they decode nearly 2x slower (OpenMP threads
 waiting on a descheduled peer: 7.3 s against 4.0 s on 60 s of talk). So by default ("auto") each
 window measures, over its encoder run, how many cores the rest of the machine kept busy
 (`CoreMeter`, Linux's /proc/stat) and decodes on two threads only when two are free.
