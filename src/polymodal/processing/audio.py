@@ -163,9 +163,9 @@ def quiet_spans(audio: np.ndarray, min_seconds: float = 20.0, max_seconds: float
         # a span that would open on over a second of silence: the silence is a span of its own (the
         # caller skips it), and the talk's span opens 0.3 s before the talk
         f0 = -(-start // frame)
-        hush = int(np.argmin(silent[f0:f0 + limit // frame])) if not silent[f0:f0 + limit // frame].all() \
-            else limit // frame
-        if hush >= 50:
+        ahead = silent[f0:f0 + limit // frame]
+        hush = ahead.size if ahead.all() else int(np.argmin(ahead))  # silent frames before the talk
+        if hush >= 50:  # a second
             cut = min((f0 + hush - 15) * frame, start + limit)
             spans.append((start, cut))
             start = cut

@@ -296,7 +296,7 @@ class ASR:
                 exhausted = chunk is None
                 if chunk is not None:
                     buffer = np.concatenate([buffer, chunk])
-            spans = quiet_spans(buffer)
+            spans = quiet_spans(buffer, silence_dbfs=SILENCE_DBFS)
             if not exhausted:  # the last span may run on into audio not read yet: keep it for later
                 spans = spans[:-1]
             spans = spans[:batch_size]
