@@ -58,8 +58,8 @@ def scenes_vqa(vlm, data: Path, per_type: int, rng: random.Random) -> dict:
     for kind, items in sorted(by_type.items()):
         picked = rng.sample(items, min(per_type, len(items)))
         right = 0
-        for path, question, answer in picked:
-            reply = vlm.ask(path, question, max_new_tokens=6)
+        replies = vlm.ask_many([p for p, _, _ in picked], [q for _, q, _ in picked], max_new_tokens=6)
+        for (path, question, answer), reply in zip(picked, replies, strict=True):
             ok = words(reply)[:1] == words(answer)[:1]
             right += ok
             if len(examples) < 12:
@@ -74,8 +74,8 @@ def emoji_captions(vlm, data: Path, limit: int, rng: random.Random) -> dict:
               if rows[0].get("heldout") and rows[0].get("name")]
     picked = rng.sample(images, min(limit, len(images)))
     exact, f1, examples = 0, 0.0, []
-    for image, rows in picked:
-        caption = vlm.caption(str(data / image), max_new_tokens=16)
+    captions = vlm.caption_many([str(data / image) for image, _ in picked], max_new_tokens=16)
+    for (image, rows), caption in zip(picked, captions, strict=True):
         name = rows[0]["name"].lower()
         hit = name in caption.lower()
         exact += hit

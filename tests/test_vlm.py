@@ -221,6 +221,28 @@ def test_caption_folder_resumes_and_skips_bad_images(root, folder, tmp_path):
     assert redone == json.loads(lines[1])
 
 
+@pytest.mark.parametrize("lm", ["opt", "llama"])
+def test_batched_asks_and_captions_equal_one_by_one(root, tmp_path, lm):
+    """ask_many / caption_many left-pad prompts of different lengths into one batch: the answers
+    are those of ask / caption, for an OPT BLIP-2 (plain prompts) and a chat-template LLM."""
+    _, _, d = checkpoint(lm, root)
+    vlm = polymodal.load_vlm(d)
+    images = [picture(tmp_path / f"{i}.png", 20 + i) for i in range(4)] + [None]
+    questions = ["what is it?", "what colour is the thing on the left of the picture?", "why?",
+                 "is there anything at all in this picture, or is it empty?", "say something"]
+    one = [vlm.ask(im, q, max_new_tokens=6) for im, q in zip(images, questions, strict=True)]
+    assert len(set(one)) > 1  # the tiny model's answers differ, so equality means something
+    assert vlm.ask_many(images, questions, batch_size=3, max_new_tokens=6) == one
+    assert vlm.ask_many(images, questions, max_new_tokens=6, num_beams=2) == [
+        vlm.ask(im, q, max_new_tokens=6, num_beams=2) for im, q in zip(images, questions, strict=True)]
+    assert vlm.caption_many(images[:4], batch_size=4, max_new_tokens=6) == [
+        vlm.caption(im, max_new_tokens=6) for im in images[:4]]
+    with pytest.raises(ValueError, match="question is empty"):
+        vlm.ask_many(images[:2], ["fine", " "])
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        vlm.ask_many(images[:2], ["fine"])
+
+
 def test_own_format_round_trip(root, tmp_path):
     _, _, d = checkpoint("llama", root)
     model, tok, template, transform = load_vlm_checkpoint(d)

@@ -42,9 +42,10 @@ def caption(
     ),
     max_new_tokens: int = MAX_NEW,
     num_beams: int = BEAMS,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Folder mode: images captioned together."),
     json_: bool = JSON,
 ) -> None:
-    """Caption an image, or every image in a folder (resumable, with a progress bar)."""
+    """Caption an image, or every image in a folder (resumable, batched, with a progress bar)."""
     if not target.exists():
         raise FileNotFoundError(f"{target}: no such file or directory")
     vlm = _load(model)
@@ -52,7 +53,7 @@ def caption(
     if target.is_file():
         text = vlm.caption(target, **gen)
         return _emit({"image": str(target), "caption": text}) if json_ else typer.echo(text)
-    result = vlm.caption_folder(target, out, progress=_progress(),
+    result = vlm.caption_folder(target, out, batch_size=batch_size, progress=_progress(),
                                 on_error=lambda p, message: say(f"skipped: {message}"), **gen)
     if result["skipped"] and not result["captioned"] and not result["already_done"]:
         raise ValueError(f"none of the {result['images']} images in {target} could be read")

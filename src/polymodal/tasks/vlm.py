@@ -101,36 +101,87 @@ class VLM:
         """One question about `image` (a fresh conversation); gen: max_new_tokens, num_beams, ..."""
         return self.chat(image).send(question, **gen)
 
+    @torch.no_grad()
+    def ask_many(self, images: list, questions: list[str], *, batch_size: int = 8, **gen) -> list[str]:
+        """One question about each image (None: no picture), each a fresh conversation, `batch_size`
+        at a time through the LLM: the prompts are left-padded into one batch. The answers are
+        `ask`'s, but for the rounding of a wider matrix product (an exact tie may break otherwise)."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        cfg = self.generation_config(**{"max_new_tokens": 30, **gen})
+        answers: list[str] = []
+        for start in range(0, len(questions), batch_size):
+            rows = [ChatSession(self, image).prompt_embeds(_check_text(question, "question"), cfg.max_new_tokens)
+                    for image, question in zip(images[start:start + batch_size], questions[start:start + batch_size], strict=True)]
+            width = max(r.shape[1] for r in rows)
+            embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[2])  # (B, P, E), left-padded
+            mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+            for i, r in enumerate(rows):
+                embeds[i, width - r.shape[1]:] = r[0]
+                mask[i, width - r.shape[1]:] = 1
+            out = generate(self.model.lm, inputs_embeds=embeds, attention_mask=mask, config=cfg)
+            answers += [self.decode(out.tokens[i, : int(out.lengths[i])]) for i in range(len(rows))]
+        return answers
+
+    def caption_many(self, images: list, *, batch_size: int = 8, max_new_tokens: int = 30,
+                     min_new_tokens: int = 0, num_beams: int = 1) -> list[str]:
+        """`caption` of each image, `batch_size` at a time (see `ask_many`)."""
+        gen = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams}
+        if self.chat_template is not None:
+            return self.ask_many(images, [CAPTION_PROMPT] * len(images), batch_size=batch_size, **gen)
+        captions = []
+        cfg = self.generation_config(**gen)
+        self._check_length(1 + self.num_queries, max_new_tokens)
+        for start in range(0, len(images), batch_size):
+            px = torch.cat([self.pixels(image) for image in images[start:start + batch_size]])
+            out = self.model.generate(px, config=cfg)
+            captions += [self.decode(out.tokens[i, : int(out.lengths[i])]) for i in range(px.shape[0])]
+        return captions
+
     def chat(self, image=None, *, on_note: Callable[[str], None] | None = None, **gen) -> ChatSession:
         return ChatSession(self, image, on_note=on_note, **gen)
 
-    def caption_folder(self, folder, out_jsonl, *, progress: bool = False,
+    def caption_folder(self, folder, out_jsonl, *, batch_size: int = 8, progress: bool = False,
                        on_error: Callable[[str, str], None] | None = None, **gen) -> dict:
-        """Caption every image under `folder` (sorted), appending {"path", "caption"} per line to
-        `out_jsonl`, flushed as it goes. A rerun skips the paths already there (resumable); an image
-        that cannot be read is skipped, reported to on_error(path, message) and counted."""
+        """Caption every image under `folder` (sorted), `batch_size` at a time (`caption_many`),
+        appending {"path", "caption"} per line to `out_jsonl`, flushed after each batch. A rerun skips
+        the paths already there (resumable); an image that cannot be read is skipped, reported to
+        on_error(path, message) and counted."""
         out = Path(out_jsonl)
         paths, todo = pending_files(folder, out, IMAGE_SUFFIXES)
         skipped: list[dict] = []
         captioned = 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            steps = todo
-            if progress and todo:
-                from rich.progress import track
+        bar = None
+        if progress and todo:
+            from rich.progress import Progress
 
-                steps = track(todo, description="captioning", transient=True)
-            for p in steps:
-                try:
-                    text = self.caption(p, **gen)
-                except ImageError as e:
-                    skipped.append({"path": str(p), "error": str(e)})
-                    if on_error is not None:
-                        on_error(str(p), str(e))
-                    continue
-                f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
-                f.flush()
-                captioned += 1
+            bar = Progress(transient=True)
+            bar.start()
+            task = bar.add_task("captioning", total=len(todo))
+        try:
+            with open(out, "a", encoding="utf-8") as f:
+                for start in range(0, len(todo), batch_size):
+                    batch, images = [], []
+                    for p in todo[start:start + batch_size]:
+                        try:
+                            images.append(load_image(p))
+                            batch.append(p)
+                        except ImageError as e:
+                            skipped.append({"path": str(p), "error": str(e)})
+                            if on_error is not None:
+                                on_error(str(p), str(e))
+                    for p, text in zip(batch, self.caption_many(images, batch_size=batch_size, **gen), strict=True):
+                        f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
+                    f.flush()
+                    captioned += len(batch)
+                    if bar is not None:
+                        bar.advance(task, len(todo[start:start + batch_size]))
+        finally:
+            if bar is not None:
+                bar.stop()
         return {"out": str(out), "images": len(paths), "captioned": captioned,
                 "already_done": len(paths) - len(todo), "skipped": skipped}
 
@@ -216,16 +267,11 @@ class ChatSession:
         text = _check_text(text, "question")
         vlm, options = self.vlm, {**self.gen, **gen}
         cfg = vlm.generation_config(**options)
-        before, after = self._fit(text, cfg.max_new_tokens)
-        lm = vlm.model.lm
-        device = next(lm.parameters()).device
         if self._pixels is None:
-            inputs = {"ids": torch.tensor([after], device=device)}
+            _, after = self._fit(text, cfg.max_new_tokens)
+            inputs = {"ids": torch.tensor([after], device=next(vlm.model.lm.parameters()).device)}
         else:
-            visual = vlm.model.visual_prompt(self._pixels, **self._instruction(text))  # (1, Q, E)
-            parts = [lm.embed(torch.tensor([ids], device=device)).to(visual.dtype) for ids in (before, after) if ids]
-            parts.insert(1 if before else 0, visual)
-            inputs = {"inputs_embeds": torch.cat(parts, dim=1)}  # (1, P, E)
+            inputs = {"inputs_embeds": self.prompt_embeds(text, cfg.max_new_tokens)}
         on_token = None
         shown, pieces = "", []
         if stream is not None and cfg.num_beams == 1:
@@ -238,13 +284,26 @@ class ChatSession:
                 if now.startswith(shown) and len(now) > len(shown):
                     stream(now[len(shown):])
                     shown = now
-        out = generate(lm, config=cfg, on_token=on_token, **inputs)
+        out = generate(vlm.model.lm, config=cfg, on_token=on_token, **inputs)
         self.last_tokens = out.tokens[0, : int(out.lengths[0])].tolist()
         answer = vlm.decode(self.last_tokens)
         if stream is not None and answer.startswith(shown) and len(answer) > len(shown):
             stream(answer[len(shown):])
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
+
+    def prompt_embeds(self, text: str, max_new_tokens: int) -> Tensor:
+        """(1, P, E): the next turn's prompt in the LLM's input embeddings, the visual prompt (if
+        any) in place; the oldest exchanges dropped while it does not fit (`_fit`)."""
+        before, after = self._fit(text, max_new_tokens)
+        lm = self.vlm.model.lm
+        device = next(lm.parameters()).device
+        if self._pixels is None:
+            return lm.embed(torch.tensor([after], device=device))
+        visual = self.vlm.model.visual_prompt(self._pixels, **self._instruction(text))  # (1, Q, E)
+        parts = [lm.embed(torch.tensor([ids], device=device)).to(visual.dtype) for ids in (before, after) if ids]
+        parts.insert(1 if before else 0, visual)
+        return torch.cat(parts, dim=1)
 
     def _instruction(self, text: str) -> dict[str, Tensor]:
         """What an instruction-aware model's queries read (InstructBLIP): the question the image came
