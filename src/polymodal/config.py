@@ -329,6 +329,12 @@ class Blip2Config(_Config):
     # fetch what the question asks about. The instruction is embedded by the LLM's own (frozen) word
     # embeddings, then `instruction_proj`; its Q-Former has a text side with vocab_size 0.
     instruction: bool = False
+    # Tiles (models/blip2.py `tile_views`): besides the whole picture, the frozen ViT reads a
+    # tiles x tiles grid of overlapping crops, each half the side, enlarged back to its input size, so
+    # a small object covers four times the patches (0: the whole picture alone). tile_pool: average
+    # the tiles' patch tokens in tile_pool x tile_pool blocks (1: keep them all).
+    tiles: int = 0
+    tile_pool: int = 1
     image_transform: ImageTransformConfig = field(
         default_factory=lambda: ImageTransformConfig(size=224, resize=224, mode="squash"))
     # Frozen parts whose weights are not saved with ours but read from where they ship:

@@ -32,9 +32,67 @@ from polymodal.models.vit import VisionTransformer
 LABEL_SMOOTHING = 0.1  # LAVIS's Blip2Qformer smooths the ITC and ITG targets
 
 
-def image_features(visual: VisionTransformer, pixels: Tensor, *, eager: bool = False) -> Tensor:
-    """pixels (B, C, H, W) -> (B, 1 + N, width): every token of the last layer through norm_post."""
-    return visual.norm_post(visual(pixels, eager=eager).tokens)
+def tile_views(pixels: Tensor, tiles: int) -> Tensor:
+    """(B, C, H, W) -> (B, tiles * tiles, C, H, W): crops of half the picture's side whose corners lie on
+    an evenly spaced tiles x tiles grid (they overlap when tiles > 2), row by row, each enlarged back to
+    H x W (bicubic). An object then covers four times the patches it does in the whole picture (the
+    multi-crop "AnyRes" input of LLaVA-NeXT, Liu et al. 2024, on a frozen tower's own resolution)."""
+    B, C, H, W = pixels.shape
+    h, w = H // 2, W // 2
+    ys = [round(k * (H - h) / (tiles - 1)) for k in range(tiles)]
+    xs = [round(k * (W - w) / (tiles - 1)) for k in range(tiles)]
+    crops = torch.stack([pixels[:, :, y:y + h, x:x + w] for y in ys for x in xs], 1)  # (B, T, C, h, w)
+    big = F.interpolate(crops.flatten(0, 1), size=(H, W), mode="bicubic", align_corners=False)
+    return big.view(B, tiles * tiles, C, H, W)
+
+
+def image_features(visual: VisionTransformer, pixels: Tensor, *, tiles: int = 0, tile_pool: int = 1,
+                   eager: bool = False) -> Tensor:
+    """pixels (B, C, H, W) -> (B, 1 + N, width): every token of the last layer through norm_post.
+    With tiles (>= 2), each tile's N patch tokens follow (`tile_views`), averaged in tile_pool x
+    tile_pool blocks: (B, 1 + N + tiles^2 * N / tile_pool^2, width)."""
+    whole = visual.norm_post(visual(pixels, eager=eager).tokens)
+    if tiles < 2:
+        return whole
+    views = tile_views(pixels, tiles).flatten(0, 1)  # (B * T, C, H, W)
+    parts = visual.norm_post(visual(views, eager=eager).tokens)[:, 1:]  # (B * T, N, width)
+    if tile_pool > 1:
+        g = visual.cfg.image_size // visual.cfg.patch_size
+        parts = F.avg_pool2d(parts.transpose(1, 2).unflatten(2, (g, g)), tile_pool).flatten(2).transpose(1, 2)
+    return torch.cat([whole, parts.reshape(pixels.shape[0], -1, parts.shape[-1])], dim=1)
+
+
+class ViewEmbedding(nn.Module):
+    """Which view a token of `image_features` comes from, for the Q-Former: a learned vector per view
+    (the whole picture, then each tile), added to its tokens. A tile's tokens carry the ViT's position
+    embeddings of their place in the tile; this says which tile."""
+
+    def __init__(self, cfg: Blip2Config):
+        super().__init__()
+        v = cfg.vision
+        g = v.image_size // v.patch_size
+        if cfg.tiles < 2 or cfg.tile_pool < 1 or g % cfg.tile_pool:
+            raise ConfigError(f"tiles {cfg.tiles} (at least 2) and tile_pool {cfg.tile_pool} (dividing the "
+                              f"{g} x {g} patch grid) do not describe a tiling")
+        per_tile = (g // cfg.tile_pool) ** 2
+        views = [0] * (1 + g * g) + [1 + t for t in range(cfg.tiles ** 2) for _ in range(per_tile)]
+        self.weight = nn.Parameter(torch.zeros(1 + cfg.tiles ** 2, v.width))
+        self.register_buffer("view", torch.tensor(views), persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.shape[1] != len(self.view):
+            raise ValueError(f"image features of {features.shape[1]} tokens, but this tiling makes {len(self.view)}")
+        return features + self.weight[self.view].to(features.dtype)
+
+
+def read_image(model: nn.Module, pixels: Tensor | None, features: Tensor | None, eager: bool) -> Tensor:
+    """What the Q-Former reads: the frozen ViT's features of `pixels` (or `features`, computed once
+    by `image_features` under the model's tiling), with the view embedding of a tiled model."""
+    cfg = model.cfg
+    if features is None:
+        features = image_features(model.visual, pixels, tiles=cfg.tiles, tile_pool=cfg.tile_pool, eager=eager)
+    features = features.to(model.qformer.query_tokens.dtype)  # cached ones may be kept in float16
+    return features if model.views is None else model.views(features)
 
 
 @dataclass
@@ -65,6 +123,7 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         w = cfg.qformer.width
         self.visual = VisionTransformer(cfg.vision)
+        self.views = ViewEmbedding(cfg) if cfg.tiles else None
         self.qformer = QFormer(cfg.qformer, cfg.vision.width)
         self.vision_proj = nn.Linear(w, cfg.embed_dim)
         self.text_proj = nn.Linear(w, cfg.embed_dim)
@@ -73,7 +132,7 @@ class Blip2Stage1(nn.Module):
 
     def image_embeds(self, pixels: Tensor, *, eager: bool = False) -> Tensor:
         """pixels (N, C, H, W) -> (N, Q, embed_dim): one normalised embedding per query."""
-        queries = self.qformer(image_features(self.visual, pixels, eager=eager), eager=eager).queries
+        queries = self.qformer(read_image(self, pixels, None, eager), eager=eager).queries
         return F.normalize(self.vision_proj(queries), dim=-1)
 
     def text_embeds(self, ids: Tensor, attention_mask: Tensor | None = None, *, eager: bool = False) -> Tensor:
@@ -89,7 +148,7 @@ class Blip2Stage1(nn.Module):
     def itm_logits(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,
                    eager: bool = False) -> Tensor:
         """(B, 2) (no match, match) logits of the pairs (image b, text b)."""
-        return self._itm(image_features(self.visual, pixels, eager=eager), ids, attention_mask, eager)
+        return self._itm(read_image(self, pixels, None, eager), ids, attention_mask, eager)
 
     def _itm(self, image: Tensor, ids: Tensor, attention_mask: Tensor | None, eager: bool) -> Tensor:
         queries = self.qformer(image, ids, attention_mask, mask="itm", eager=eager).queries  # (B, Q, width)
@@ -107,7 +166,7 @@ class Blip2Stage1(nn.Module):
                 features: Tensor | None = None, negatives: tuple[Tensor, Tensor, Tensor] | None = None,
                 eager: bool = False) -> Stage1Output:
         """pixels (N, C, H, W) and ids, attention_mask (N, T): N matching pairs (image i, text i).
-        features (N, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once.
+        features (N, tokens, vision_width) instead of pixels: `image_features`, computed once.
 
         targets (N, T): the ITG targets (the ids, -100 on padding), predicted from the position
         before. Given targets, the losses are set: ITC over the N x N scores, ITM on the pairs and on
@@ -117,7 +176,7 @@ class Blip2Stage1(nn.Module):
         match images `rows`, e.g. a caption of that very image made false (its left and right swapped)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        image = features if features is not None else image_features(self.visual, pixels, eager=eager)
+        image = read_image(self, pixels, features, eager)
         img = F.normalize(self.vision_proj(self.qformer(image, eager=eager).queries), dim=-1)  # (N, Q, E)
         itc = self.itc_scores(img, self.text_embeds(ids, attention_mask, eager=eager))  # (N, N)
         itm = self._itm(image, ids, attention_mask, eager)
@@ -174,6 +233,7 @@ class Blip2(nn.Module):
                               "(QFormerConfig text_input=True, vocab_size=0)")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision)
+        self.views = ViewEmbedding(cfg) if cfg.tiles else None
         self.qformer = QFormer(cfg.qformer, cfg.vision.width)
         self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)
         self.instruction_proj = nn.Linear(cfg.lm.embed_dim, cfg.qformer.width) if cfg.instruction else None
@@ -183,11 +243,10 @@ class Blip2(nn.Module):
                       instruction: Tensor | None = None, instruction_mask: Tensor | None = None,
                       eager: bool = False) -> Tensor:
         """pixels (B, C, H, W) -> (B, Q, embed_dim): the queries in the LLM's input embedding space.
-        features (B, 1 + P, vision_width) instead of pixels: the frozen ViT's output, computed once.
+        features (B, tokens, vision_width) instead of pixels: `image_features`, computed once.
         instruction, instruction_mask (B, T): the question in the LLM's token ids (right-padded), which
         an instruction-aware model's queries read (InstructBLIP); ignored by a plain one."""
-        if features is None:
-            features = image_features(self.visual, pixels, eager=eager)
+        features = read_image(self, pixels, features, eager)
         if self.instruction_proj is None or instruction is None:
             return self.language_projection(self.qformer(features, eager=eager).queries)
         instruction = instruction[:, :self.cfg.qformer.context_length]

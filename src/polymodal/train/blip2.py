@@ -34,8 +34,8 @@ from polymodal.train.trainer import lr_at
 # What each stage trains: the learning rate of a part as a multiple of the base rate (0 freezes it).
 # Parts are top-level modules; any other name (the stage-1 heads, `logit_scale`) is "head".
 STAGE_PARTS = {
-    1: {"visual": 0.0, "qformer": 1.0, "head": 1.0},
-    2: {"visual": 0.0, "qformer": 1.0, "language_projection": 1.0, "instruction_proj": 1.0, "lm": 0.0},
+    1: {"visual": 0.0, "views": 1.0, "qformer": 1.0, "head": 1.0},
+    2: {"visual": 0.0, "views": 1.0, "qformer": 1.0, "language_projection": 1.0, "instruction_proj": 1.0, "lm": 0.0},
 }
 
 

@@ -83,6 +83,8 @@ class VLMRecipe:
     # its answer ("what colour is the star? red"): ITG must answer from the queries alone, so they learn to hold
     # every object's colour and shape, not only what a caption leads with
     instruction: bool = False  # InstructBLIP: stage 2's queries read the question (Blip2Config.instruction)
+    tiles: int = 0  # the ViT also reads a tiles x tiles grid of enlarged crops (Blip2Config.tiles; 0: none)
+    tile_pool: int = 1  # their patch tokens averaged in blocks of this side (Blip2Config.tile_pool)
     save_every: int = 100  # each stage keeps its state every this many steps (stage1-state.*, stage2-state.*),
     # so a kill resumes
     seed: int = 0
@@ -104,10 +106,13 @@ class VLMRecipe:
 
 
 @torch.no_grad()
-def vision_features(visual, paths: list[str], transform, *, batch_size: int = 128,
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, list[int]]:
-    """The frozen ViT's features (N, 1 + P, width) of every image (through norm_post, as BLIP-2
-    reads them), and the indices of the images that could not be read (their rows are zeros)."""
+def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile_pool: int = 1,
+                    batch_size: int = 128, on_progress: Callable[[int, int], None] | None = None,
+                    ) -> tuple[Tensor, list[int]]:
+    """The frozen ViT's features (N, tokens, width) of every image (`image_features`: through
+    norm_post, as BLIP-2 reads them, tiled if asked), and the indices of the images that could not be
+    read (their rows are zeros). A tiled model's are kept in float16: ten views make 641 tokens an
+    image, and the Q-Former reads them back in its own precision."""
     visual.eval()
     out, bad = None, []
     for start in range(0, len(paths), batch_size):
@@ -119,10 +124,10 @@ def vision_features(visual, paths: list[str], transform, *, batch_size: int = 12
             except ImageError:
                 bad.append(i)
         if images:
-            feats = image_features(visual, preprocess(images, transform))  # (b, 1 + P, width)
+            feats = image_features(visual, preprocess(images, transform), tiles=tiles, tile_pool=tile_pool)
             if out is None:
-                out = torch.zeros((len(paths),) + feats.shape[1:])
-            out[rows] = feats
+                out = torch.zeros((len(paths),) + feats.shape[1:], dtype=torch.float16 if tiles else torch.float32)
+            out[rows] = feats.to(out.dtype)
         if on_progress is not None:
             on_progress(min(start + batch_size, len(paths)), len(paths))
     if out is None:
@@ -139,7 +144,9 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    key = hashlib.sha256(json.dumps([vision_ref, model.visual.cfg.to_dict(), paths]).encode()).hexdigest()
+    tiling = {"tiles": model.cfg.tiles, "tile_pool": model.cfg.tile_pool}
+    key = hashlib.sha256(json.dumps([vision_ref, model.visual.cfg.to_dict(), paths]
+                                    + ([tiling] if model.cfg.tiles else [])).encode()).hexdigest()
     weights = model.visual.state_dict()
     key = hashlib.sha256((key + str(float(sum(v.double().sum() for v in weights.values())))).encode()).hexdigest()
     if path.is_file():
@@ -147,7 +154,8 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
             meta = f.metadata() or {}
             if meta.get("key") == key:
                 return f.get_tensor("features"), json.loads(meta["bad"])
-    features, bad = vision_features(model.visual, paths, model.cfg.image_transform, on_progress=on_progress)
+    features, bad = vision_features(model.visual, paths, model.cfg.image_transform, on_progress=on_progress,
+                                    tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool)
     tmp = path.with_suffix(".tmp")
     save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key, "bad": json.dumps(bad)})
     tmp.replace(path)
@@ -174,14 +182,14 @@ def build_models(recipe: VLMRecipe):
     qcfg = QFormerConfig(vocab_size=vocab + 1, dec_token_id=vocab, pad_token_id=qtok.pad_id,
                          context_length=recipe.max_text, **recipe.qformer)
     base = dict(vision=visual.cfg, embed_dim=recipe.embed_dim, image_transform=transform,
-                vision_weights=recipe.vision)
+                vision_weights=recipe.vision, tiles=recipe.tiles, tile_pool=recipe.tile_pool)
     stage1 = Blip2Stage1(Blip2Config(qformer=qcfg, lm=None, **base))
     # stage 2 drops the text side, or (instruction-aware) keeps it without its word embeddings
     stage2_q = (qcfg.replace(vocab_size=0, lm_head=False) if recipe.instruction
                 else qcfg.replace(text_input=False, lm_head=False))
     stage2 = Blip2(Blip2Config(qformer=stage2_q, lm=lm.cfg, lm_weights=recipe.lm, instruction=recipe.instruction,
                                **base))
-    for part in (stage1.qformer, stage1.vision_proj, stage1.text_proj, stage1.itm_head):
+    for part in (stage1.qformer, stage1.vision_proj, stage1.text_proj, stage1.itm_head):  # (views start at 0)
         part.apply(bert_init)
     for model in (stage1, stage2):
         model.visual.load_state_dict(visual.state_dict())
@@ -190,7 +198,10 @@ def build_models(recipe: VLMRecipe):
 
 
 def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
-    """Stage 2 starts from stage 1's Q-Former: the query side (everything but the text side)."""
+    """Stage 2 starts from stage 1's Q-Former: the query side (everything but the text side), and
+    the view embedding of a tiled model."""
+    if stage1.views is not None:
+        stage2.views.load_state_dict(stage1.views.state_dict())
     source = stage1.qformer.state_dict()
     target = stage2.qformer.state_dict()
     missing = [k for k in target if k not in source]
