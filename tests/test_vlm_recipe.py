@@ -388,6 +388,34 @@ def test_features_are_computed_once(parts, tmp_path, monkeypatch):
     assert other.shape[0] == len(paths) - 1
 
 
+def test_features_killed_midway_go_on_from_the_last_part(parts, tmp_path, monkeypatch):
+    import polymodal.train.vlm as vlm_mod
+
+    stage1, *_ = vlm_mod.build_models(recipe(parts))
+    paths = [ex["image"] for ex in load_examples(parts / "colours")]
+    paths.insert(7, str(tmp_path / "missing.png"))  # unreadable: its row is zeros, its index reported
+    whole, bad = vlm_mod.cached_features(tmp_path / "whole.safetensors", stage1, "clip", paths)
+    assert bad == [7] and not whole[7].any() and whole[8].any()
+
+    real, calls = vlm_mod.vision_features, []
+
+    def dies_on_the_third_part(visual, chunk, *args, **kw):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(visual, chunk, *args, **kw)
+
+    monkeypatch.setattr(vlm_mod, "vision_features", dies_on_the_third_part)
+    path = tmp_path / "f.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        vlm_mod.cached_features(path, stage1, "clip", paths, part_size=5)
+    assert len(list(path.with_suffix(".parts").iterdir())) == 2 and not path.exists()
+    calls.clear()
+    again, bad_again = vlm_mod.cached_features(path, stage1, "clip", paths, part_size=5)
+    assert calls == [5, 2] and bad_again == [7]  # parts 3 and 4 of 17 images; 1 and 2 were kept
+    assert torch.allclose(again, whole, atol=1e-6) and not path.with_suffix(".parts").exists()
+
+
 def test_instruction_aware_queries_read_the_question(parts, tmp_path):
     """InstructBLIP's Q-Former (recipe instruction=True): the queries read the question, embedded by
     the LLM's own word embeddings; training reaches the new parts; the chat session gives the

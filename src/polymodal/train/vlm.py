@@ -135,30 +135,72 @@ def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile
     return out, bad
 
 
-def cached_features(path: Path, model, vision_ref: str, paths: list[str],
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, list[int]]:
-    """`vision_features`, kept in `path` (safetensors) for a rerun on the same images and tower: a
-    run that dies in training starts again without recomputing them."""
-    import hashlib
-
+def _read_features(path: Path, key: str) -> tuple[Tensor, list[int]] | None:
+    """The features kept in `path` and their unreadable rows, if it holds them for `key`."""
     from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        return (f.get_tensor("features"), json.loads(meta["bad"])) if meta.get("key") == key else None
+
+
+def _write_features(path: Path, features: Tensor, bad: list[int], key: str) -> None:
     from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key, "bad": json.dumps(bad)})
+    tmp.replace(path)
+
+
+def cached_features(path: Path, model, vision_ref: str, paths: list[str],
+                    on_progress: Callable[[int, int], None] | None = None, *,
+                    part_size: int = 1024) -> tuple[Tensor, list[int]]:
+    """`vision_features`, kept in `path` (safetensors) for a rerun on the same images and tower: a
+    run that dies in training starts again without recomputing them. While they are computed, every
+    `part_size` images are kept in `path`.parts/, so a run killed there (a tiled tower takes an hour)
+    goes on from the last part."""
+    import hashlib
+    import shutil
 
     tiling = {"tiles": model.cfg.tiles, "tile_pool": model.cfg.tile_pool}
     key = hashlib.sha256(json.dumps([vision_ref, model.visual.cfg.to_dict(), paths]
                                     + ([tiling] if model.cfg.tiles else [])).encode()).hexdigest()
     weights = model.visual.state_dict()
     key = hashlib.sha256((key + str(float(sum(v.double().sum() for v in weights.values())))).encode()).hexdigest()
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") == key:
-                return f.get_tensor("features"), json.loads(meta["bad"])
-    features, bad = vision_features(model.visual, paths, model.cfg.image_transform, on_progress=on_progress,
-                                    tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key, "bad": json.dumps(bad)})
-    tmp.replace(path)
+    done = _read_features(path, key)
+    if done is not None:
+        return done
+    parts_dir = path.with_suffix(".parts")
+    parts_dir.mkdir(exist_ok=True)
+    pieces: list[Tensor | None] = []
+    bad: list[int] = []
+    for start in range(0, len(paths), part_size):
+        chunk = paths[start:start + part_size]
+        part = parts_dir / f"{start:09d}.safetensors"
+        got = _read_features(part, key)
+        if got is None:
+            progress = None if on_progress is None else (
+                lambda n, _total, start=start: on_progress(start + n, len(paths)))
+            try:
+                got = vision_features(model.visual, chunk, model.cfg.image_transform, on_progress=progress,
+                                      tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool)
+            except ValueError:  # not one readable image in this part
+                got = None, list(range(len(chunk)))
+            if got[0] is not None:
+                _write_features(part, got[0], got[1], key)
+        elif on_progress is not None:
+            on_progress(start + len(chunk), len(paths))
+        pieces.append(got[0])
+        bad += [start + i for i in got[1]]
+    shaped = next((p for p in pieces if p is not None), None)
+    if shaped is None:
+        raise ValueError("no image could be read")
+    features = torch.cat([p if p is not None else shaped.new_zeros((len(paths[i * part_size:(i + 1) * part_size]),)
+                                                                    + shaped.shape[1:]) for i, p in enumerate(pieces)])
+    _write_features(path, features, bad, key)
+    shutil.rmtree(parts_dir)
     return features, bad
 
 
