@@ -139,3 +139,33 @@ def test_stage1_heads_losses_and_gradients():
         model(pixels[:1], ids[:1], targets=targets[:1])
     with pytest.raises(ConfigError, match="text side"):
         Blip2Stage1(Blip2Config(vision=vision, lm=None))
+
+
+def test_shared_image_keys_and_values_equal_the_gathered_images():
+    """SharedImage: passes over rows of one batch of images, their keys and values projected once,
+    give the outputs and gradients of passes over the gathered images themselves."""
+    from polymodal.models.qformer import SharedImage
+
+    torch.manual_seed(0)
+    qformer = QFormer(CFG, VW)
+    image, ids = inputs(3, B=4)
+    rows = torch.tensor([2, 0, 0, 3, 1, 2])
+    text = torch.randint(1, 29, (6, T))
+
+    def run(shared: bool):
+        qformer.zero_grad()
+        if shared:
+            s = SharedImage()
+            a = qformer(image, shared=s).queries
+            b = qformer(image, text, mask="itm", shared=s.select(rows)).queries
+            assert len(s.memo) == 2  # the two cross-attention layers, projected once each
+        else:
+            a = qformer(image).queries
+            b = qformer(image[rows], text, mask="itm").queries
+        (a.square().sum() + b.sin().sum()).backward()
+        return a.detach(), b.detach(), {n: p.grad.clone() for n, p in qformer.named_parameters() if p.grad is not None}
+
+    a1, b1, g1 = run(False)
+    a2, b2, g2 = run(True)
+    assert (a1 - a2).abs().max() <= 1e-5 and (b1 - b2).abs().max() <= 1e-5
+    assert g1.keys() == g2.keys() and all((g1[n] - g2[n]).abs().max() <= 1e-4 for n in g1)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from polymodal.config import Blip2Config, ConfigError
 from polymodal.generation import GenerateOutput, GenerationConfig, generate
 from polymodal.models.lm import IGNORE_INDEX, DecoderLM
-from polymodal.models.qformer import QFormer
+from polymodal.models.qformer import QFormer, SharedImage
 from polymodal.models.vit import VisionTransformer
 
 LABEL_SMOOTHING = 0.1  # LAVIS's Blip2Qformer smooths the ITC and ITG targets
@@ -150,15 +150,17 @@ class Blip2Stage1(nn.Module):
         """(B, 2) (no match, match) logits of the pairs (image b, text b)."""
         return self._itm(read_image(self, pixels, None, eager), ids, attention_mask, eager)
 
-    def _itm(self, image: Tensor, ids: Tensor, attention_mask: Tensor | None, eager: bool) -> Tensor:
-        queries = self.qformer(image, ids, attention_mask, mask="itm", eager=eager).queries  # (B, Q, width)
+    def _itm(self, image: Tensor, ids: Tensor, attention_mask: Tensor | None, eager: bool,
+             shared: SharedImage | None = None) -> Tensor:
+        queries = self.qformer(image, ids, attention_mask, mask="itm", shared=shared, eager=eager).queries
         return self.itm_head(queries).mean(dim=1)  # (B, 2)
 
-    def _itg(self, image: Tensor, ids: Tensor, attention_mask: Tensor | None, eager: bool) -> Tensor:
+    def _itg(self, image: Tensor, ids: Tensor, attention_mask: Tensor | None, eager: bool,
+             shared: SharedImage | None = None) -> Tensor:
         dec = self.cfg.qformer.dec_token_id
         if dec is not None:
             ids = torch.cat([torch.full_like(ids[:, :1], dec), ids[:, 1:]], dim=1)  # [DEC] replaces [CLS]
-        text = self.qformer(image, ids, attention_mask, mask="itg", eager=eager).text  # (B, T, width)
+        text = self.qformer(image, ids, attention_mask, mask="itg", shared=shared, eager=eager).text
         return self.qformer.text_logits(text)
 
     def forward(self, pixels: Tensor | None, ids: Tensor, attention_mask: Tensor | None = None, *,
@@ -177,10 +179,11 @@ class Blip2Stage1(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         image = read_image(self, pixels, features, eager)
-        img = F.normalize(self.vision_proj(self.qformer(image, eager=eager).queries), dim=-1)  # (N, Q, E)
+        shared = SharedImage()  # every pass below reads these N images: their keys and values once
+        img = F.normalize(self.vision_proj(self.qformer(image, shared=shared, eager=eager).queries), dim=-1)
         itc = self.itc_scores(img, self.text_embeds(ids, attention_mask, eager=eager))  # (N, N)
-        itm = self._itm(image, ids, attention_mask, eager)
-        itg = self._itg(image, ids, attention_mask, eager) if self.qformer.lm_head is not None else None
+        itm = self._itm(image, ids, attention_mask, eager, shared)
+        itg = self._itg(image, ids, attention_mask, eager, shared) if self.qformer.lm_head is not None else None
         if targets is None:
             return Stage1Output(itc=itc, itm=itm, itg=itg)
 
@@ -195,11 +198,11 @@ class Blip2Stage1(nn.Module):
             others = ~torch.eye(N, dtype=torch.bool, device=ids.device)
             neg_text = torch.multinomial(logits.softmax(1) * others, 1, generator=generator).squeeze(1)  # (N,)
             neg_image = torch.multinomial(logits.t().softmax(1) * others, 1, generator=generator).squeeze(1)
-        itm_neg = self._itm(torch.cat([image, image[neg_image]]), torch.cat([ids[neg_text], ids]),
-                            torch.cat([attention_mask[neg_text], attention_mask]), eager)  # (2N, 2)
+        itm_neg = self._itm(image, torch.cat([ids[neg_text], ids]), torch.cat([attention_mask[neg_text], attention_mask]),
+                            eager, shared.select(torch.cat([pairs, neg_image])))  # (2N, 2)
         if negatives is not None:
             neg_ids, neg_mask, rows = negatives
-            itm_neg = torch.cat([itm_neg, self._itm(image[rows], neg_ids, neg_mask, eager)])
+            itm_neg = torch.cat([itm_neg, self._itm(image, neg_ids, neg_mask, eager, shared.select(rows))])
         match = torch.cat([torch.ones(N), torch.zeros(len(itm_neg))]).long().to(ids.device)
         itm_loss = F.cross_entropy(torch.cat([itm, itm_neg]), match)
         loss, itg_loss = itc_loss + itm_loss, None

@@ -53,6 +53,29 @@ def stage1_mask(kind: Mask, num_queries: int, text_mask: Tensor) -> Tensor:
     return allowed[:, None]  # (B, 1, L, L)
 
 
+class SharedImage:
+    """Cross-attention's keys and values of one batch of image features, projected once per layer and
+    shared by every Q-Former pass over those images or rows of them (stage 1's ITC, ITM and ITG
+    passes, whose hard negatives are other rows of the same batch). `Attention` takes it as its cache:
+    `context_kv` is what cross-attention asks a cache for. select(rows): the same projections, read
+    at `rows` (B,) of the batch."""
+
+    def __init__(self, rows: Tensor | None = None, memo: dict | None = None):
+        self.rows, self.memo = rows, {} if memo is None else memo
+
+    def select(self, rows: Tensor) -> SharedImage:
+        return SharedImage(rows, self.memo)
+
+    def batch(self, image: Tensor) -> int:
+        return image.shape[0] if self.rows is None else self.rows.shape[0]
+
+    def context_kv(self, layer: int, context: Tensor, project):
+        if layer not in self.memo:
+            self.memo[layer] = project(context)  # (N, kv_heads, S, head_dim) twice
+        k, v = self.memo[layer]
+        return (k, v) if self.rows is None else (k[self.rows], v[self.rows])
+
+
 @dataclass
 class QFormerOutput:
     queries: Tensor | None  # (B, Q, width): the query outputs, or None for text alone
@@ -85,15 +108,18 @@ class QFormerLayer(nn.Module):
         self.text_norm = nn.LayerNorm(w, eps=eps) if cfg.text_input else None
 
     def forward(self, x: Tensor, num_queries: int, image: Tensor | None, *, mask: Tensor | None = None,
-                image_mask: Tensor | None = None, eager: bool = False) -> Tensor:
+                image_mask: Tensor | None = None, shared: SharedImage | None = None, index: int = 0,
+                eager: bool = False) -> Tensor:
         """x: (B, Q + T, width), queries first; image: (B, S, vision_width); image_mask: (B, 1, 1, S),
-        True where the image (or audio) position is real, for a batch of padded encoder outputs."""
+        True where the image (or audio) position is real, for a batch of padded encoder outputs.
+        shared: image's keys and values, projected once for passes over it (`SharedImage`), the
+        layer's `index` keying them."""
         x = self.norm1(x + self.attn(x, mask=mask, eager=eager))  # (B, Q + T, width)
         q, t = x[:, :num_queries], x[:, num_queries:]  # (B, Q, width), (B, T, width)
         if num_queries:
             if self.xattn is not None:
                 # only the queries see the image
-                q = self.norm_x(q + self.xattn(q, image, mask=image_mask, eager=eager))
+                q = self.norm_x(q + self.xattn(q, image, mask=image_mask, cache=shared, layer=index, eager=eager))
             q = self.query_norm(q + self.query_mlp(q))
         if t.shape[1]:
             if self.text_mlp is None:
@@ -168,12 +194,14 @@ class QFormer(nn.Module):
 
     def forward(self, image: Tensor | None = None, ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 *, mask: Mask = "itm", image_mask: Tensor | None = None, text_embeds: Tensor | None = None,
-                eager: bool = False) -> QFormerOutput:
+                shared: SharedImage | None = None, eager: bool = False) -> QFormerOutput:
         """image (B, S, vision_width): the frozen encoder's tokens; without it, no queries run
         (ITC's text encoder). ids, attention_mask (B, T), 1 = real token: the text; without it the
         queries run alone. text_embeds (B, T, width) instead of ids: the text's word embeddings, made
         elsewhere (positions are added here). mask: how queries and text see each other ("itc",
-        "itm", "itg"). image_mask (B, S), 1 = real: the positions of `image` the queries may read."""
+        "itm", "itg"). image_mask (B, S), 1 = real: the positions of `image` the queries may read.
+        shared: the keys and values of `image` (N, S, vision_width) kept across passes; the batch is
+        then its rows (`SharedImage.select`), or all N."""
         if ids is not None and text_embeds is not None:
             raise ValueError("give the text as ids or as text_embeds, not both")
         if image is None and ids is None and text_embeds is None:
@@ -184,7 +212,8 @@ class QFormer(nn.Module):
         if image is not None:
             image = image.to(self.query_tokens.dtype)
             Q = self.cfg.num_query_tokens
-            parts.append(self.query_tokens.expand(image.shape[0], -1, -1))  # (B, Q, width)
+            B = image.shape[0] if shared is None else shared.batch(image)
+            parts.append(self.query_tokens.expand(B, -1, -1))  # (B, Q, width)
         attn_mask = None
         has_text = ids is not None or text_embeds is not None
         if has_text:
@@ -197,8 +226,8 @@ class QFormer(nn.Module):
         x = self.norm_embed(torch.cat(parts, dim=1))  # (B, Q + T, width)
         if image_mask is not None:
             image_mask = image_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        for layer in self.layers:
-            x = layer(x, Q, image, mask=attn_mask, image_mask=image_mask, eager=eager)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, Q, image, mask=attn_mask, image_mask=image_mask, shared=shared, index=i, eager=eager)
         return QFormerOutput(queries=x[:, :Q] if Q else None, text=x[:, Q:] if has_text else None)
 
     def text_logits(self, text: Tensor) -> Tensor:
