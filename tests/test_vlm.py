@@ -215,7 +215,7 @@ def test_caption_folder_resumes_and_skips_bad_images(root, folder, tmp_path):
     lines = out.read_text().splitlines()
     assert [json.loads(x)["path"] for x in lines] == [str(folder / f"img{i}.png") for i in range(3)]
     out.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # lose img1's line
-    again = vlm.caption_folder(folder, out, max_new_tokens=5)
+    again = vlm.caption_folder(folder, out, max_new_tokens=5, progress=True)  # (a bar, transient)
     assert again["captioned"] == 1 and again["already_done"] == 2
     redone = json.loads(out.read_text().splitlines()[-1])
     assert redone == json.loads(lines[1])

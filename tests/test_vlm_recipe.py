@@ -287,14 +287,16 @@ def test_relation_negatives_are_the_same_images_captions_made_false(parts):
         assert qtok.decode(batch["negative_ids"][j]) == swap_relation(qtok.decode(batch["input_ids"][r]))
     seen = []
     itm = stage1._itm
-    stage1._itm = lambda image, ids, mask, eager: seen.append((image, ids)) or itm(image, ids, mask, eager)
+    stage1._itm = lambda image, ids, mask, eager, shared=None: seen.append((image, ids, shared)) or itm(
+        image, ids, mask, eager, shared)
     try:
         terms = stage1_terms(stage1, batch)
     finally:
         del stage1._itm
     assert torch.isfinite(terms["itm_loss"])
-    image, ids = seen[-1]  # the last ITM pass: the false captions against their own images
-    assert torch.equal(image, batch["features"][batch["negative_rows"]]) and torch.equal(ids, batch["negative_ids"])
+    image, ids, shared = seen[-1]  # the last ITM pass: the false captions against their own images (rows)
+    assert torch.equal(image[shared.rows], batch["features"][batch["negative_rows"]])
+    assert torch.equal(ids, batch["negative_ids"])
 
 
 def test_train_vlm_end_to_end(parts, tmp_path):

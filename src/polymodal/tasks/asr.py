@@ -59,7 +59,7 @@ from polymodal.processing.audio import (
     stream_audio,
 )
 from polymodal.tasks.cores import CoreMeter, threads_for
-from polymodal.tasks.folder import pending_files
+from polymodal.tasks.folder import pending_files, progress_bar
 from polymodal.tasks.wer import normalise_words, word_error_rate
 
 SECONDS_PER_TIMESTAMP = 0.02
@@ -379,60 +379,46 @@ class ASR:
             if on_error is not None:
                 on_error(str(p), str(e))
 
-        bar = None
-        if progress and todo:
-            from rich.progress import Progress
+        with progress_bar(progress, len(todo), "transcribing") as advance, open(out, "a", encoding="utf-8") as f:
+            def write(doc):
+                nonlocal written, seconds
+                f.write(json.dumps(doc) + "\n")
+                f.flush()
+                written += 1
+                seconds += doc["seconds"]
 
-            bar = Progress(transient=True)
-            bar.start()
-            task = bar.add_task("transcribing", total=len(todo))
-        try:
-            with open(out, "a", encoding="utf-8") as f:
-                def write(doc):
-                    nonlocal written, seconds
-                    f.write(json.dumps(doc) + "\n")
-                    f.flush()
-                    written += 1
-                    seconds += doc["seconds"]
+            batch: list[tuple[Path, np.ndarray]] = []
 
-                batch: list[tuple[Path, np.ndarray]] = []
+            def flush_batch():
+                if not batch:
+                    return
+                results = self._short([a for _, a in batch], timestamps, num_beams, audio_ctx)
+                for (p, _), r in zip(batch, results, strict=True):
+                    r.pop("tokens")
+                    write({"path": str(p), **r})
+                advance(len(batch))
+                batch.clear()
 
-                def flush_batch():
-                    if not batch:
-                        return
-                    results = self._short([a for _, a in batch], timestamps, num_beams, audio_ctx)
-                    for (p, _), r in zip(batch, results, strict=True):
-                        r.pop("tokens")
-                        write({"path": str(p), **r})
-                    if bar is not None:
-                        bar.advance(task, len(batch))
-                    batch.clear()
-
-                for p in todo:
-                    try:
-                        info = audio_info(p)
-                        if info["seconds"] > N_SAMPLES / SAMPLE_RATE:
-                            flush_batch()
-                            write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams, chunked=chunked,
-                                                  batch_size=batch_size))
-                            if bar is not None:
-                                bar.advance(task)
-                            continue
-                        _, audio = audio_input(p)
-                        if dbfs(audio) <= SILENCE_DBFS:
-                            raise AudioError(f"{p}: silent (below {SILENCE_DBFS:.0f} dBFS): nothing to transcribe")
-                    except AudioError as e:
-                        skip(p, e)
-                        if bar is not None:
-                            bar.advance(task)
-                        continue
-                    batch.append((p, audio))
-                    if len(batch) >= batch_size:
+            for p in todo:
+                try:
+                    info = audio_info(p)
+                    if info["seconds"] > N_SAMPLES / SAMPLE_RATE:
                         flush_batch()
-                flush_batch()
-        finally:
-            if bar is not None:
-                bar.stop()
+                        write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams, chunked=chunked,
+                                              batch_size=batch_size))
+                        advance()
+                        continue
+                    _, audio = audio_input(p)
+                    if dbfs(audio) <= SILENCE_DBFS:
+                        raise AudioError(f"{p}: silent (below {SILENCE_DBFS:.0f} dBFS): nothing to transcribe")
+                except AudioError as e:
+                    skip(p, e)
+                    advance()
+                    continue
+                batch.append((p, audio))
+                if len(batch) >= batch_size:
+                    flush_batch()
+            flush_batch()
         return {"out": str(out), "files": len(paths), "transcribed": written, "already_done": len(paths) - len(todo),
                 "skipped": skipped, "seconds": round(seconds, 3)}
 

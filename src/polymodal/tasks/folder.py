@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,3 +24,21 @@ def pending_files(folder, out_jsonl, suffixes: tuple[str, ...]) -> tuple[list[Pa
             except (ValueError, KeyError, TypeError):
                 continue
     return paths, [p for p in paths if str(p) not in done]
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar over `total` files (none when not `enabled` or nothing to do);
+    yields advance(n=1)."""
+    if not enabled or not total:
+        yield lambda n=1: None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task(description, total=total)
+    try:
+        yield lambda n=1: bar.advance(task, n)
+    finally:
+        bar.stop()

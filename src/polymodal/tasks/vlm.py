@@ -26,7 +26,7 @@ from torch import Tensor
 from polymodal.generation import GenerationConfig, generate
 from polymodal.processing.chat import apply_chat_template, template_tokens
 from polymodal.processing.image import ImageError, load_image, preprocess
-from polymodal.tasks.folder import pending_files
+from polymodal.tasks.folder import pending_files, progress_bar
 
 IMAGE_PLACEHOLDER = "<|polymodal:image|>"  # where the visual prompt goes in a rendered template
 # What `caption` asks a model whose LLM has a chat template (the default VLM is trained on it);
@@ -154,34 +154,22 @@ class VLM:
         skipped: list[dict] = []
         captioned = 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        bar = None
-        if progress and todo:
-            from rich.progress import Progress
-
-            bar = Progress(transient=True)
-            bar.start()
-            task = bar.add_task("captioning", total=len(todo))
-        try:
-            with open(out, "a", encoding="utf-8") as f:
-                for start in range(0, len(todo), batch_size):
-                    batch, images = [], []
-                    for p in todo[start:start + batch_size]:
-                        try:
-                            images.append(load_image(p))
-                            batch.append(p)
-                        except ImageError as e:
-                            skipped.append({"path": str(p), "error": str(e)})
-                            if on_error is not None:
-                                on_error(str(p), str(e))
-                    for p, text in zip(batch, self.caption_many(images, batch_size=batch_size, **gen), strict=True):
-                        f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
-                    f.flush()
-                    captioned += len(batch)
-                    if bar is not None:
-                        bar.advance(task, len(todo[start:start + batch_size]))
-        finally:
-            if bar is not None:
-                bar.stop()
+        with progress_bar(progress, len(todo), "captioning") as advance, open(out, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                batch, images = [], []
+                for p in todo[start:start + batch_size]:
+                    try:
+                        images.append(load_image(p))
+                        batch.append(p)
+                    except ImageError as e:
+                        skipped.append({"path": str(p), "error": str(e)})
+                        if on_error is not None:
+                            on_error(str(p), str(e))
+                for p, text in zip(batch, self.caption_many(images, batch_size=batch_size, **gen), strict=True):
+                    f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
+                f.flush()
+                captioned += len(batch)
+                advance(len(todo[start:start + batch_size]))
         return {"out": str(out), "images": len(paths), "captioned": captioned,
                 "already_done": len(paths) - len(todo), "skipped": skipped}
 
