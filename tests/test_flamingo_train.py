@@ -118,3 +118,12 @@ def test_saved_model_answers_through_the_task_api_and_cli(setup, tmp_path):
     assert len(r.stdout.splitlines()) == 2
     r = runner.invoke(app, ["ask", "--video", str(tmp_path / "none.gif"), "what?", "-m", str(out)])
     assert r.exit_code == 2 and r.stderr.startswith("error:")
+    folder = tmp_path / "pictures"  # folder mode: every image captioned as `caption` does, resumably
+    folder.mkdir()
+    for i, scene in enumerate(scenes[:2]):
+        Image.open(scene["image"]).save(folder / f"{i}.png")
+    r = runner.invoke(app, ["caption", str(folder), "-m", str(out), "--max-new-tokens", "3",
+                            "--out", str(tmp_path / "captions.jsonl"), "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [x["caption"] for x in lines] == [vlm.caption(folder / f"{i}.png", max_new_tokens=3) for i in range(2)]

@@ -183,6 +183,16 @@ class FlamingoVLM:
             return self._generate(f"{IMAGE}Video:", [self.video_frames(video)], **gen)
         return self._generate(f"{IMAGE}Caption:", [self.frames(image)], **gen)
 
+    def caption_many(self, images: list, *, batch_size: int = 1, **gen) -> list[str]:
+        """`caption` of each image, one at a time (batch_size is accepted and unused)."""
+        return [self.caption(image, **gen) for image in images]
+
+    def caption_folder(self, folder, out_jsonl, **options) -> dict:
+        """Caption every image in a folder, resumably (tasks/vlm.py `caption_folder`)."""
+        from polymodal.tasks.vlm import caption_folder
+
+        return caption_folder(self.caption_many, folder, out_jsonl, **options)
+
     def chat(self, images=None, *, video=None, on_note: Callable[[str], None] | None = None,
              **gen) -> FlamingoChat:
         chat = FlamingoChat(self, on_note=on_note, **gen)

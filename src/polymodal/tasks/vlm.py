@@ -145,33 +145,9 @@ class VLM:
 
     def caption_folder(self, folder, out_jsonl, *, batch_size: int = 8, progress: bool = False,
                        on_error: Callable[[str, str], None] | None = None, **gen) -> dict:
-        """Caption every image under `folder` (sorted), `batch_size` at a time (`caption_many`),
-        appending {"path", "caption"} per line to `out_jsonl`, flushed after each batch. A rerun skips
-        the paths already there (resumable); an image that cannot be read is skipped, reported to
-        on_error(path, message) and counted."""
-        out = Path(out_jsonl)
-        paths, todo = pending_files(folder, out, IMAGE_SUFFIXES)
-        skipped: list[dict] = []
-        captioned = 0
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with progress_bar(progress, len(todo), "captioning") as advance, open(out, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), batch_size):
-                batch, images = [], []
-                for p in todo[start:start + batch_size]:
-                    try:
-                        images.append(load_image(p))
-                        batch.append(p)
-                    except ImageError as e:
-                        skipped.append({"path": str(p), "error": str(e)})
-                        if on_error is not None:
-                            on_error(str(p), str(e))
-                for p, text in zip(batch, self.caption_many(images, batch_size=batch_size, **gen), strict=True):
-                    f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
-                f.flush()
-                captioned += len(batch)
-                advance(len(todo[start:start + batch_size]))
-        return {"out": str(out), "images": len(paths), "captioned": captioned,
-                "already_done": len(paths) - len(todo), "skipped": skipped}
+        """`caption_folder` (below) with this model's batched `caption_many`."""
+        return caption_folder(self.caption_many, folder, out_jsonl, batch_size=batch_size, progress=progress,
+                              on_error=on_error, **gen)
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.context_length:
@@ -312,4 +288,35 @@ class ChatSession:
         return path
 
 
-__all__ = ["VLM", "ChatSession"]
+def caption_folder(caption_many: Callable[..., list[str]], folder, out_jsonl, *, batch_size: int = 8,
+                   progress: bool = False, on_error: Callable[[str, str], None] | None = None, **gen) -> dict:
+    """Caption every image under `folder` (sorted) through caption_many(images, batch_size=..., **gen),
+    `batch_size` at a time, appending {"path", "caption"} per line to `out_jsonl`, flushed after each
+    batch. A rerun skips the paths already there (resumable); an image that cannot be read is
+    skipped, reported to on_error(path, message) and counted."""
+    out = Path(out_jsonl)
+    paths, todo = pending_files(folder, out, IMAGE_SUFFIXES)
+    skipped: list[dict] = []
+    captioned = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bar(progress, len(todo), "captioning") as advance, open(out, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            batch, images = [], []
+            for p in todo[start:start + batch_size]:
+                try:
+                    images.append(load_image(p))
+                    batch.append(p)
+                except ImageError as e:
+                    skipped.append({"path": str(p), "error": str(e)})
+                    if on_error is not None:
+                        on_error(str(p), str(e))
+            for p, text in zip(batch, caption_many(images, batch_size=batch_size, **gen), strict=True):
+                f.write(json.dumps({"path": str(p), "caption": text}) + "\n")
+            f.flush()
+            captioned += len(batch)
+            advance(len(todo[start:start + batch_size]))
+    return {"out": str(out), "images": len(paths), "captioned": captioned,
+            "already_done": len(paths) - len(todo), "skipped": skipped}
+
+
+__all__ = ["VLM", "ChatSession", "caption_folder"]
