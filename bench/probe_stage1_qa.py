@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from polymodal.models.blip2 import read_image
 from polymodal.models.lm import IGNORE_INDEX
 from polymodal.train.vlm import VLMRecipe, _padded, build_models, load_examples, vision_features
 
@@ -71,7 +72,9 @@ def main(argv=None) -> int:
         for qa in ex["qa"]:
             answers[qa["type"]].add(qa["a"])
     test = [ex for ex in load_examples(args.data, "test") if ex["dataset"] == "scenes"]
-    features, _ = vision_features(stage1.visual, [ex["image"] for ex in test], stage1.cfg.image_transform)
+    features, _ = vision_features(stage1.visual, [ex["image"] for ex in test], stage1.cfg.image_transform,
+                                  tiles=stage1.cfg.tiles, tile_pool=stage1.cfg.tile_pool)
+    features = read_image(stage1, None, features, False)  # with a tiled model's view embedding
     items: dict[str, list] = defaultdict(list)
     for i, ex in enumerate(test):
         for qa in ex["qa"]:

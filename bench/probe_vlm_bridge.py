@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from polymodal.models.blip2 import read_image
 from polymodal.train.vlm import VLMRecipe, build_models, load_examples
 
 
@@ -109,7 +110,8 @@ def main() -> None:
     if trained:
         stage2.load_state_dict(load_file(str(args.run / "model.safetensors")), strict=False)  # frozen parts: as built
     with torch.no_grad():
-        queries = torch.cat([stage1.qformer(F[i:i + 256]).queries for i in range(0, len(F), 256)])
+        queries = torch.cat([stage1.qformer(read_image(stage1, None, F[i:i + 256], False)).queries
+                             for i in range(0, len(F), 256)])
         prompt = torch.cat([stage2.visual_prompt(None, features=F[i:i + 256]) for i in range(0, len(F), 256)]) \
             if trained else None
 
