@@ -416,6 +416,10 @@ def test_features_killed_midway_go_on_from_the_last_part(parts, tmp_path, monkey
     again, bad_again = vlm_mod.cached_features(path, stage1, "clip", paths, part_size=5)
     assert calls == [5, 2] and bad_again == [7]  # parts 3 and 4 of 17 images; 1 and 2 were kept
     assert torch.allclose(again, whole, atol=1e-6) and not path.with_suffix(".parts").exists()
+    monkeypatch.undo()  # a part with not one readable image is all zeros and all reported; the rest goes on
+    missing = [str(tmp_path / f"gone{i}.png") for i in range(5)]
+    gaps, bad_gaps = vlm_mod.cached_features(tmp_path / "g.safetensors", stage1, "clip", missing + paths, part_size=5)
+    assert bad_gaps == [0, 1, 2, 3, 4, 12] and not gaps[:5].any() and torch.allclose(gaps[5:], whole, atol=1e-6)
 
 
 def test_instruction_aware_queries_read_the_question(parts, tmp_path):

@@ -105,6 +105,10 @@ class VLMRecipe:
         return asdict(self)
 
 
+class NoImages(ValueError):
+    """Not one of the images could be read."""
+
+
 @torch.no_grad()
 def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile_pool: int = 1,
                     batch_size: int = 128, on_progress: Callable[[int, int], None] | None = None,
@@ -131,7 +135,7 @@ def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile
         if on_progress is not None:
             on_progress(min(start + batch_size, len(paths)), len(paths))
     if out is None:
-        raise ValueError("no image could be read")
+        raise NoImages("no image could be read")
     return out, bad
 
 
@@ -186,7 +190,7 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
             try:
                 got = vision_features(model.visual, chunk, model.cfg.image_transform, on_progress=progress,
                                       tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool)
-            except ValueError:  # not one readable image in this part
+            except NoImages:  # not one readable image in this part
                 got = None, list(range(len(chunk)))
             if got[0] is not None:
                 _write_features(part, got[0], got[1], key)
@@ -196,7 +200,7 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
         bad += [start + i for i in got[1]]
     shaped = next((p for p in pieces if p is not None), None)
     if shaped is None:
-        raise ValueError("no image could be read")
+        raise NoImages("no image could be read")
     features = torch.cat([p if p is not None else shaped.new_zeros((len(paths[i * part_size:(i + 1) * part_size]),)
                                                                     + shaped.shape[1:]) for i, p in enumerate(pieces)])
     _write_features(path, features, bad, key)
