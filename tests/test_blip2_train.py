@@ -105,12 +105,16 @@ def test_caption_batches(folder):
     assert sorted(seen) == sorted([ID[c] for c in COLOURS] * 4)  # each pair once per epoch
 
 
-def test_stage1_freezes_the_vit_and_learns(folder):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_stage1_freezes_the_vit_and_learns(folder, bf16):
+    """bf16: autocast's products in bfloat16 (the default VLM's recipe on CPUs with AVX512-BF16);
+    the weights and the optimizer stay fp32."""
     torch.manual_seed(0)
     model = Blip2Stage1(Blip2Config(vision=VISION, qformer=qformer_cfg(), lm=None, embed_dim=16))
     vit, rest = snapshot(model.visual), snapshot(model)
-    cfg = Blip2TrainConfig(steps=40, lr=1e-3, warmup=4, weight_decay=0.05)
+    cfg = Blip2TrainConfig(steps=40, lr=1e-3, warmup=4, weight_decay=0.05, bf16=bf16)
     history = train_blip2(model, stage1_batches(folder), cfg)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
     assert same(vit, snapshot(model.visual))
     assert not model.visual.training and model.qformer.training

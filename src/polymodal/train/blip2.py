@@ -51,6 +51,8 @@ class Blip2TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: off
+    bf16: bool = False  # bfloat16 autocast (weights, gradients and the optimizer stay fp32): on CPUs with
+    # AVX512-BF16 (Zen 4/5, Sapphire Rapids) a product runs ~4x faster than in fp32, and on GPUs
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0 or self.lr < 0:
@@ -150,8 +152,9 @@ def train_blip2(model: Blip2Stage1 | Blip2, batches: Iterable[dict[str, Tensor]]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, group["base_lr"])
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in next(stream).items()}
-        named = terms_of(model, batch)
-        loss = total_loss(named)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            named = terms_of(model, batch)
+            loss = total_loss(named)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))
         optimizer.step()

@@ -51,7 +51,8 @@ class TrainConfig:
     local_loss: bool = opt(False, "under torchrun, each rank scores its own rows against the global batch")
     # machinery
     seed: int = opt(0, "seeds weights, data order and augmentation")
-    precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast is for GPUs; this CPU has no fast bf16")
+    precision: Literal["fp32", "bf16"] = opt("fp32", "bf16 autocast (weights stay fp32): GPUs, and CPUs with "
+                                                             "AVX512-BF16 (~4x fp32's products); elsewhere slower")
     compile: bool = opt(False, "torch.compile the model")
     parallel: Literal["ddp", "fsdp"] = opt("ddp", "under torchrun: replicate the model (ddp) or shard parameters, "
                                            "gradients and optimizer state over ranks (fsdp)")

@@ -9,7 +9,7 @@
 
 AdamW with weight decay on weights with p.dim() >= 2, linear warmup then cosine decay,
 a learning rate per part where 0 freezes it (LiT: Zhai et al. 2022), gradient clipping,
-bf16 autocast on GPUs, GradCache accumulation, checkpoints written atomically so a kill
+bf16 autocast (GPUs, and CPUs with AVX512-BF16), GradCache accumulation, checkpoints written atomically so a kill
 at any moment leaves the last complete one, and resume that continues the same loss curve.
 Under torchrun the model is replicated (DDP) or, with `parallel="fsdp"`, sharded (FSDP2:
 each transformer block a unit); checkpoints hold full tensors either way, so a run resumes
@@ -196,8 +196,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True,
             raise ValueError("--regions runs on one process (no torchrun) for now")
         regions = RegionBatches(cfg.regions, model.cfg.image_transform, batch_size=cfg.region_batch, seed=cfg.seed)
         phrase_tokens = tokenizer(list(PHRASES))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and device.type == "cuda"
-                else nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
 
     bar = _progress_bar(cfg.steps, start) if progress and is_main() else None
     metrics: dict = {}

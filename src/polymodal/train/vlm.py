@@ -58,6 +58,7 @@ class StageConfig:
     warmup: int = 50
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    bf16: bool = False  # bfloat16 autocast (Blip2TrainConfig.bf16): for CPUs with AVX512-BF16 and GPUs
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _train_config(stage: StageConfig):
     from polymodal.train.blip2 import Blip2TrainConfig
 
     return Blip2TrainConfig(steps=stage.steps, lr=stage.lr, warmup=stage.warmup, min_lr=stage.min_lr,
-                            weight_decay=stage.weight_decay)
+                            weight_decay=stage.weight_decay, bf16=stage.bf16)
 
 
 def _log(path: Path | None, row: dict) -> None:
