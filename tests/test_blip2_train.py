@@ -107,7 +107,7 @@ def test_caption_batches(folder):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_stage1_freezes_the_vit_and_learns(folder, bf16):
-    """bf16: autocast's products in bfloat16 (the default VLM's recipe on CPUs with AVX512-BF16);
+    """bf16: autocast's products in bfloat16 (recipes/default-vlm-v10.json, for CPUs with AVX512-BF16);
     the weights and the optimizer stay fp32."""
     torch.manual_seed(0)
     model = Blip2Stage1(Blip2Config(vision=VISION, qformer=qformer_cfg(), lm=None, embed_dim=16))

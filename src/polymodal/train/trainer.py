@@ -9,11 +9,11 @@
 
 AdamW with weight decay on weights with p.dim() >= 2, linear warmup then cosine decay,
 a learning rate per part where 0 freezes it (LiT: Zhai et al. 2022), gradient clipping,
-bf16 autocast (GPUs, and CPUs with AVX512-BF16), GradCache accumulation, checkpoints written atomically so a kill
-at any moment leaves the last complete one, and resume that continues the same loss curve.
-Under torchrun the model is replicated (DDP) or, with `parallel="fsdp"`, sharded (FSDP2:
-each transformer block a unit); checkpoints hold full tensors either way, so a run resumes
-under DDP, FSDP or one process alike.
+bf16 autocast (GPUs, and CPUs with AVX512-BF16), GradCache accumulation, checkpoints written
+atomically so a kill at any moment leaves the last complete one, and resume that continues
+the same loss curve. Under torchrun the model is replicated (DDP) or, with `parallel="fsdp"`,
+sharded (FSDP2: each transformer block a unit); checkpoints hold full tensors either way, so a
+run resumes under DDP, FSDP or one process alike.
 """
 
 from __future__ import annotations
