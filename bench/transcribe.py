@@ -7,12 +7,14 @@ The speech is spoken by espeak-ng: one long recording (a sentence every --gap se
 about 3.5 s of silence after each sentence, 3 s is talk with short pauses) and a folder of short
 clips (2-3 s each). Every contender starts from the files, greedy, no
 temperature fallback, no conditioning on the previous window, no voice-activity filter:
-  - polymodal: `ASR.transcribe(long)` (OpenAI's sequential long form), and with `chunked=True`
-    (opt-in: cut at quiet points, 8 chunks decoded at once); `transcribe_folder` (clips batched 8 at
-    a time), with the full 30 s encoder window and with the trimmed context (`audio_ctx=10`, opt-in);
+  - polymodal: `ASR.transcribe(long)` (the default long form: cut at quiet points, 8 chunks decoded
+    at once), and with `long_form="sequential"` (OpenAI's long form); `transcribe_folder` (clips
+    batched 8 at a time), with the full 30 s encoder window and with the trimmed context
+    (`audio_ctx=10`, opt-in);
   - transformers: WhisperForConditionalGeneration on our weights (`to_transformers`), long-form
-    `generate(return_timestamps=True)` over the whole recording; and the very chunks of our chunked
-    form, batched 8 at a time (the same work); short clips batched 8 at a time;
+    `generate(return_timestamps=True)` over the whole recording (its sequential long form); and the
+    very chunks of our default form, batched 8 at a time (the same work); short clips batched 8 at a
+    time;
   - faster-whisper: `WhisperModel(model.bin's directory, compute_type=float32 | int8)`, one clip
     at a time (its WhisperModel has no batching without VAD), in a child process (`FasterWhisper`
     says why), on the same number of threads.
@@ -149,10 +151,10 @@ def main() -> None:
 
     # --- the contenders: each returns (long text) or (list of clip texts) ---------------------
     def ours_long():
-        return asr.transcribe(long)["text"]
+        return asr.transcribe(long, batch_size=8)["text"]
 
-    def ours_chunked():
-        return asr.transcribe(long, chunked=True, batch_size=8)["text"]
+    def ours_sequential():
+        return asr.transcribe(long, long_form="sequential")["text"]
 
     def ours_clips(ctx=None):
         out_jsonl.unlink(missing_ok=True)
@@ -172,7 +174,7 @@ def main() -> None:
                               condition_on_prev_tokens=False)
         return " ".join(hf_decode(ids)).strip()
 
-    def hf_chunked():  # the very chunks of our chunked form, batched 8 at a time: the same work
+    def hf_chunked():  # the very chunks of our default form, batched 8 at a time: the same work
         a = load_audio(long)
         chunks = [a[x:y] for x, y in quiet_spans(a) if dbfs(a[x:y]) > SILENCE_DBFS]
         texts = []
@@ -192,7 +194,7 @@ def main() -> None:
                 texts += hf_decode(hf.generate(feats))
         return texts
 
-    contenders = {"polymodal": (ours_long, ours_clips), "polymodal chunked (opt-in)": (ours_chunked, None),
+    contenders = {"polymodal": (ours_long, ours_clips), "polymodal sequential": (ours_sequential, None),
                   "polymodal audio_ctx=10": (None, lambda: ours_clips(10.0)),
                   "transformers": (hf_long, hf_clips), "transformers on our chunks": (hf_chunked, None)}
     workers: list[FasterWhisper] = []
@@ -225,11 +227,12 @@ def main() -> None:
                     times.setdefault((name, kind), []).append(dt)
 
     figures = {}
-    print(f"\n{'contender':28s} {'task':6s} {'audio s/s':>10s} {'polymodal x':>12s} {'chunked x':>10s} {'WER':>6s}")
-    chunked = "polymodal chunked (opt-in)"
+    print(f"\n{'contender':28s} {'task':6s} {'audio s/s':>10s} {'polymodal x':>12s} {'sequential x':>13s} "
+          f"{'WER':>6s}")
+    sequential = "polymodal sequential"
     for kind, audio_s in (("long", long_s), ("clips", clips_s)):
         base = statistics.median(times["polymodal", kind])
-        base_chunked = statistics.median(times[chunked, kind]) if (chunked, kind) in times else None
+        base_seq = statistics.median(times[sequential, kind]) if (sequential, kind) in times else None
         for name in contenders:
             if (name, kind) not in times:
                 continue
@@ -240,10 +243,10 @@ def main() -> None:
             else:
                 wer = float(np.mean([word_error_rate(r, h) for r, h in zip(clip_refs, text, strict=True)]))
             figures[f"{name} / {kind}"] = {"audio_per_s": audio_s / t, "polymodal_ratio": t / base, "wer": wer}
-            vs_chunked = f"{t / base_chunked:10.2f}" if base_chunked else " " * 10
-            if base_chunked:
-                figures[f"{name} / {kind}"]["chunked_ratio"] = t / base_chunked
-            print(f"{name:28s} {kind:6s} {audio_s / t:10.2f} {t / base:12.2f} {vs_chunked} {wer:6.3f}")
+            vs_seq = f"{t / base_seq:13.2f}" if base_seq else " " * 13
+            if base_seq:
+                figures[f"{name} / {kind}"]["sequential_ratio"] = t / base_seq
+            print(f"{name:28s} {kind:6s} {audio_s / t:10.2f} {t / base:12.2f} {vs_seq} {wer:6.3f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     for worker in workers:

@@ -37,13 +37,13 @@ def transcribe(
         help="Seconds of encoder context for short clips (0: Whisper's full 30 s). 10 is much faster on "
         "short clips; see MODEL_CARD.md for its effect on accuracy.",
     ),
-    chunked: bool = typer.Option(
-        False, "--chunked",
-        help="Recordings over 30 s: cut at quiet points into chunks of at most 30 s, decoded --batch-size at a "
-        "time (faster; not Whisper's sequential long form, see MODEL_CARD.md).",
+    long_form: str = typer.Option(
+        "chunked", "--long-form",
+        help="Recordings over 30 s: 'chunked' cuts them at quiet points into chunks of at most 30 s, decoded "
+        "--batch-size at a time (faster); 'sequential' is Whisper's own window-after-window form. See MODEL_CARD.md.",
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1,
-                                   help="Short clips (folder mode), or chunks (--chunked), decoded together."),
+                                   help="Short clips (folder mode), or a long recording's chunks, decoded together."),
     json_: bool = JSON,
 ) -> None:
     """Transcribe speech to text, offline: one recording (any length), or every recording in a folder
@@ -51,11 +51,14 @@ def transcribe(
     if not target.exists():
         raise FileNotFoundError(f"{target}: no such file or directory")
     import polymodal
+    from polymodal.tasks.asr import LONG_FORMS
 
+    if long_form not in LONG_FORMS:
+        raise ValueError(f"--long-form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
     asr = polymodal.load_asr(model)
     ctx = audio_ctx or None
     if target.is_file():
-        result = asr.transcribe(target, timestamps=timestamps, num_beams=num_beams, audio_ctx=ctx, chunked=chunked,
+        result = asr.transcribe(target, timestamps=timestamps, num_beams=num_beams, audio_ctx=ctx, long_form=long_form,
                                 batch_size=batch_size)
         if json_:
             return _emit(result)
@@ -66,7 +69,7 @@ def transcribe(
             typer.echo(result["text"])
         return None
     result = asr.transcribe_folder(target, out, timestamps=timestamps, num_beams=num_beams, audio_ctx=ctx,
-                                   batch_size=batch_size, chunked=chunked, progress=_progress(),
+                                   batch_size=batch_size, long_form=long_form, progress=_progress(),
                                    on_error=lambda p, message: say(f"skipped: {message}"))
     if result["skipped"] and not result["transcribed"] and not result["already_done"]:
         raise ValueError(f"none of the {result['files']} audio files in {target} could be transcribed")

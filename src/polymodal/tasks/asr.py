@@ -6,12 +6,15 @@
     asr.transcribe_folder("recordings/", "transcripts.jsonl")
 
 A clip of at most 30 s is one encoder window, decoded greedily (or with beams) exactly as
-`transformers`' short-form `generate`. A longer recording is streamed in 30 s windows (never
-loaded whole) and decoded with timestamps, OpenAI's way: the window's complete segments are
-kept, and the next window starts at the last complete timestamp, so no word is cut in two.
-A window whose level is below -60 dBFS is silence and is skipped without running the model.
-`chunked=True` (opt-in) is the other long form: the recording cut at pauses into chunks of at most
-30 s (`quiet_spans`), decoded 8 at a time, each on its own, joined by time (`_chunked`).
+`transformers`' short-form `generate`. A longer recording is streamed (never loaded whole) and
+decoded in one of two long forms:
+- "chunked" (the default): cut at pauses into chunks of at most 30 s (`quiet_spans`), decoded 8 at
+  a time, each on its own with timestamps, joined by time (`_chunked`). Faster, and on our test
+  recordings more accurate, than the sequential form (MODEL_CARD.md).
+- "sequential", OpenAI's way: 30 s windows decoded one after another with timestamps; each window's
+  complete segments are kept, and the next window starts at the last complete timestamp, so no word
+  is cut in two (`_long`).
+A stretch whose level is below -60 dBFS is silence and is skipped without running the model.
 
 On a CPU the encoder runs on torch's threads and the decoder on `decode_threads`. A decoding step
 is a chain of one-row products: most gain nothing from a second thread (MKL runs them on one), but
@@ -64,6 +67,7 @@ from polymodal.tasks.wer import normalise_words, word_error_rate
 
 SECONDS_PER_TIMESTAMP = 0.02
 SILENCE_DBFS = -60.0
+LONG_FORMS = ("chunked", "sequential")  # how a recording over 30 s is decoded (ASR.transcribe)
 INPUT_STRIDE = 2  # mel frames per encoder position
 
 
@@ -321,18 +325,20 @@ class ASR:
     # --- the API -----------------------------------------------------------------------------
 
     def transcribe(self, src, *, timestamps: bool = False, num_beams: int = 1, audio_ctx: float | None = None,
-                   chunked: bool = False, batch_size: int = 8,
+                   long_form: str = "chunked", batch_size: int = 8,
                    on_window: Callable[[float], None] | None = None) -> dict:
         """A path or a (N,) 16 kHz float32 array -> {"text", "segments", "seconds", "path"}.
 
-        A recording over 30 s goes OpenAI's sequential way, or with chunked=True cut at quiet points
-        and decoded batch_size chunks at a time (`_chunked`: faster, a different long form).
+        A recording over 30 s is cut at quiet points and decoded batch_size chunks at a time
+        (long_form="chunked", `_chunked`), or goes OpenAI's sequential way (long_form="sequential").
         Raises AudioError (one line naming the input) for unreadable or silent audio."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if long_form not in LONG_FORMS:
+            raise ValueError(f"long_form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
 
         def long(windows):
-            if chunked:
+            if long_form == "chunked":
                 return self._chunked(windows, batch_size, num_beams, on_window)
             return self._long(windows, num_beams, on_window)
 
@@ -360,13 +366,15 @@ class ASR:
         return any(dbfs(w) > SILENCE_DBFS for w in windows)
 
     def transcribe_folder(self, folder, out_jsonl, *, timestamps: bool = False, num_beams: int = 1,
-                          batch_size: int = 8, audio_ctx: float | None = None, chunked: bool = False,
+                          batch_size: int = 8, audio_ctx: float | None = None, long_form: str = "chunked",
                           progress: bool = False,
                           on_error: Callable[[str, str], None] | None = None) -> dict:
         """Transcribe every audio file under `folder` (sorted), appending {"path", "text", "segments",
         "seconds"} per line to `out_jsonl`, flushed as it goes. A rerun skips the paths already there
         (resumable); a file that cannot be read, or is silent, is skipped, reported to
         on_error(path, message) and counted. Clips of at most 30 s go through the model in batches."""
+        if long_form not in LONG_FORMS:
+            raise ValueError(f"long_form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
         audio_ctx = self.audio_ctx if audio_ctx is None else audio_ctx
         out = Path(out_jsonl)
         paths, todo = pending_files(folder, out, AUDIO_SUFFIXES)
@@ -404,7 +412,7 @@ class ASR:
                     info = audio_info(p)
                     if info["seconds"] > N_SAMPLES / SAMPLE_RATE:
                         flush_batch()
-                        write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams, chunked=chunked,
+                        write(self.transcribe(p, timestamps=timestamps, num_beams=num_beams, long_form=long_form,
                                               batch_size=batch_size))
                         advance()
                         continue
