@@ -1,6 +1,6 @@
 """Does a bridge keep each object's colour bound to its shape? A supervised binding probe.
 
-    python bench/probe_binding.py --run runs/vlm11 --data data/mix2 [--vlm DIR] [--steps 1500]
+    python bench/probe_binding.py --run runs/vlm11 --data data/mix2 [--vlm DIR | --stage1 FILE] [--steps 1500]
 
 "What colour is the triangle?" about a scene of two to four shapes asks for binding: which colour
 goes with which shape. The scenes' colour questions (training split: fit; test split: scored) are
@@ -11,7 +11,9 @@ alone, so it is an upper bound of what a bridge could read from the vectors, not
   - without --vlm the vectors are the frozen tower's tokens, as cached by a VLM training run
     (`RUN/features.safetensors`, `RUN/recipe.json`): what any bridge starts from;
   - with --vlm DIR they are that VLM's visual prompt (its queries through the projection): what its
-    LLM is given. A plain (not instruction-aware) VLM on the same tower as RUN.
+    LLM is given. A plain (not instruction-aware) VLM on the same tower as RUN;
+  - with --stage1 FILE (a run's `stage1.safetensors`, of RUN's recipe) they are the stage-1
+    Q-Former's query outputs: what stage 2 could pass on, known before stage 2 is run.
 
 Accuracy is reported over all held-out questions and split by the asked object's size.
 """
@@ -81,11 +83,29 @@ def visual_prompts(vlm_dir: str, features: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def stage1_queries(stage1, weights: str, features: torch.Tensor) -> torch.Tensor:
+    """A stage-1 Q-Former's query outputs (N, queries, width) for cached tower features."""
+    from safetensors.torch import load_file
+
+    from polymodal.models.blip2 import read_image
+
+    stage1.load_state_dict(load_file(weights))
+    stage1.eval()
+    out = []
+    with torch.no_grad():
+        for k in range(0, features.shape[0], 256):
+            image = read_image(stage1, None, features[k:k + 256].float(), False)
+            out.append(stage1.qformer(image).queries.float())
+    return torch.cat(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a VLM training run: recipe.json and the cached tower features")
     ap.add_argument("--data", required=True, help="the mix the run trained on (captions.jsonl with scenes)")
-    ap.add_argument("--vlm", default=None, help="probe this VLM's visual prompt instead of the tower's tokens")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--vlm", default=None, help="probe this VLM's visual prompt instead of the tower's tokens")
+    group.add_argument("--stage1", default=None, help="probe these stage-1 weights' queries (a stage1.safetensors)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -116,6 +136,10 @@ def main() -> None:
     if args.vlm:
         fit_vectors, test_vectors = visual_prompts(args.vlm, fit_vectors), visual_prompts(args.vlm, test_vectors)
         what = f"the visual prompt of {args.vlm}"
+    elif args.stage1:
+        fit_vectors = stage1_queries(stage1, args.stage1, fit_vectors)
+        test_vectors = stage1_queries(stage1, args.stage1, test_vectors)
+        what = f"the stage-1 queries of {args.stage1}"
     print(f"{what}: {tuple(fit_vectors.shape[1:])} a scene; {len(fit)} questions to fit, {len(scored)} held out")
 
     probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1])
