@@ -1,0 +1,143 @@
+"""Can the stage-1 Q-Former's queries keep each object's colour bound to its shape? Train them on a
+DETR-style object-set objective, then probe them as bench/probe_binding.py does.
+
+    python bench/object_set_queries.py --run runs/vlm11 --data data/mix2 [--steps 1500]
+
+An experiment for the default VLM (MODEL_CARD.md, "The binding is lost in the Q-Former"), not yet a
+recipe option. From RUN's recipe and cached tower features, a fresh stage-1 Q-Former is trained on
+the generated scenes alone. Each object of a scene must be claimed by one query: the query names
+the object's phrase (size x colour x shape, 64 classes, or "no object") and its centre. Queries and
+objects are paired by Hungarian matching on those two costs (Carion et al. 2020, DETR). Then the
+binding probe of bench/probe_binding.py reads the queries: "what colour is the <shape>?" on
+held-out scenes of two to four objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_binding import COLOUR_NAMES, BindingProbe, colour_questions  # noqa: E402
+
+from polymodal.data.scenes import SHAPES  # noqa: E402
+from polymodal.models.blip2 import read_image  # noqa: E402
+from polymodal.train.vlm import VLMRecipe, build_models, cached_features, load_examples, vision_features  # noqa: E402
+
+SIZES = ("small", "large")
+NO_OBJECT = len(SIZES) * len(COLOUR_NAMES) * len(SHAPES)  # 64 phrases, then "no object"
+
+
+def phrase(obj: dict) -> int:
+    return (SIZES.index(obj["size"]) * len(COLOUR_NAMES) + COLOUR_NAMES.index(obj["colour"])) * len(SHAPES) \
+        + SHAPES.index(obj["shape"])
+
+
+def set_loss(logp: torch.Tensor, centres: torch.Tensor, scenes: list[list[dict]], box_weight: float = 5.0,
+             empty_weight: float = 0.1) -> torch.Tensor:
+    """logp (B, Q, 65) phrase log-probabilities, centres (B, Q, 2) in [0, 1]: the matched queries name
+    their object and its centre; the others say "no object" (weighted empty_weight)."""
+    weight = torch.ones(NO_OBJECT + 1)
+    weight[NO_OBJECT] = empty_weight
+    total = logp.new_zeros(())
+    for b, objs in enumerate(scenes):
+        classes = torch.tensor([phrase(o) for o in objs])
+        where = torch.tensor([[o["x"], o["y"]] for o in objs])
+        cost = -logp[b][:, classes] + box_weight * torch.cdist(centres[b], where, p=1)
+        rows, cols = linear_sum_assignment(cost.detach().numpy())
+        target = torch.full((logp.shape[1],), NO_OBJECT)
+        target[rows] = classes[cols]
+        total = total + F.nll_loss(logp[b], target, weight=weight)
+        total = total + box_weight * (centres[b][rows] - where[cols]).abs().sum() / len(objs)
+    return total / len(scenes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a VLM training run: recipe.json and the cached tower features")
+    ap.add_argument("--data", required=True, help="the mix the run trained on (captions.jsonl with scenes)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    run, data = Path(args.run), Path(args.data)
+    recipe = VLMRecipe.from_dict(json.loads((run / "recipe.json").read_text()))
+    stage1 = build_models(recipe)[0]
+    objects = {}
+    with open(data / "captions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "objects" in row:
+                objects[str(data / row["image"])] = row["objects"]
+    train, test = load_examples(data, "train"), load_examples(data, "test")
+    features, _ = cached_features(run / "features.safetensors", stage1, recipe.vision, [e["image"] for e in train])
+    scenes = [i for i, e in enumerate(train) if e["dataset"] == "scenes" and e["image"] in objects]
+
+    qformer = stage1.qformer
+    width = qformer.query_tokens.shape[-1]
+    phrase_head, centre_head = nn.Linear(width, NO_OBJECT + 1), nn.Linear(width, 2)
+    params = [*qformer.parameters(), *phrase_head.parameters(), *centre_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.05)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        picked = [scenes[rng.randrange(len(scenes))] for _ in range(args.batch_size)]
+        with torch.autocast("cpu", torch.bfloat16):
+            queries = qformer(read_image(stage1, None, features[picked].float(), False)).queries
+        queries = queries.float()
+        loss = set_loss(phrase_head(queries).log_softmax(-1), centre_head(queries).sigmoid(),
+                        [objects[train[i]["image"]] for i in picked])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0:
+            print(f"step {step}: object-set loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+    stage1.eval()
+
+    def queries_of(f: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([qformer(read_image(stage1, None, f[k:k + 256].float(), False)).queries.float()
+                              for k in range(0, f.shape[0], 256)])
+
+    fit, scored = colour_questions(train, objects), colour_questions(test, objects)
+    used = sorted({i for i, *_ in fit})
+    at = {i: k for k, i in enumerate(used)}
+    fit_vectors, fit = queries_of(features[used]), [(at[i], *rest) for i, *rest in fit]
+    held = sorted({i for i, *_ in scored})
+    where = {i: k for k, i in enumerate(held)}
+    test_features, _ = vision_features(stage1.visual, [test[i]["image"] for i in held], stage1.cfg.image_transform)
+    test_vectors, scored = queries_of(test_features), [(where[i], *rest) for i, *rest in scored]
+
+    probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1])
+    popt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    shapes = torch.tensor([s for _, s, _, _ in scored])
+    colours = torch.tensor([c for _, _, c, _ in scored])
+    large = torch.tensor([size == "large" for *_, size in scored])
+    rows = torch.tensor([i for i, *_ in scored])
+    for step in range(1, 1501):
+        batch = [fit[rng.randrange(len(fit))] for _ in range(64)]
+        loss = F.cross_entropy(probe(fit_vectors[[i for i, *_ in batch]], torch.tensor([s for _, s, _, _ in batch])),
+                               torch.tensor([c for _, _, c, _ in batch]))
+        popt.zero_grad()
+        loss.backward()
+        popt.step()
+        if step % 500 == 0:
+            with torch.no_grad():
+                right = probe(test_vectors[rows], shapes).argmax(-1) == colours
+            print(f"binding probe step {step}: held-out accuracy all {right.float().mean():.3f}, "
+                  f"large {right[large].float().mean():.3f}, small {right[~large].float().mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
