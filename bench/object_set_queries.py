@@ -15,7 +15,6 @@ held-out scenes of two to four objects.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -27,11 +26,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_binding import COLOUR_NAMES, BindingProbe, colour_questions  # noqa: E402
+from probe_binding import COLOUR_NAMES, load_run, run_probe  # noqa: E402
 
 from polymodal.data.scenes import SHAPES  # noqa: E402
 from polymodal.models.blip2 import read_image  # noqa: E402
-from polymodal.train.vlm import VLMRecipe, build_models, cached_features, load_examples, vision_features  # noqa: E402
 
 SIZES = ("small", "large")
 NO_OBJECT = len(SIZES) * len(COLOUR_NAMES) * len(SHAPES)  # 64 phrases, then "no object"
@@ -71,17 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    run, data = Path(args.run), Path(args.data)
-    recipe = VLMRecipe.from_dict(json.loads((run / "recipe.json").read_text()))
-    stage1 = build_models(recipe)[0]
-    objects = {}
-    with open(data / "captions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if "objects" in row:
-                objects[str(data / row["image"])] = row["objects"]
-    train, test = load_examples(data, "train"), load_examples(data, "test")
-    features, _ = cached_features(run / "features.safetensors", stage1, recipe.vision, [e["image"] for e in train])
+    loaded = load_run(Path(args.run), Path(args.data))
+    _, stage1, objects, train, _, features = loaded
     scenes = [i for i, e in enumerate(train) if e["dataset"] == "scenes" and e["image"] in objects]
 
     qformer = stage1.qformer
@@ -110,33 +99,7 @@ def main() -> None:
             return torch.cat([qformer(read_image(stage1, None, f[k:k + 256].float(), False)).queries.float()
                               for k in range(0, f.shape[0], 256)])
 
-    fit, scored = colour_questions(train, objects), colour_questions(test, objects)
-    used = sorted({i for i, *_ in fit})
-    at = {i: k for k, i in enumerate(used)}
-    fit_vectors, fit = queries_of(features[used]), [(at[i], *rest) for i, *rest in fit]
-    held = sorted({i for i, *_ in scored})
-    where = {i: k for k, i in enumerate(held)}
-    test_features, _ = vision_features(stage1.visual, [test[i]["image"] for i in held], stage1.cfg.image_transform)
-    test_vectors, scored = queries_of(test_features), [(where[i], *rest) for i, *rest in scored]
-
-    probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1])
-    popt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
-    shapes = torch.tensor([s for _, s, _, _ in scored])
-    colours = torch.tensor([c for _, _, c, _ in scored])
-    large = torch.tensor([size == "large" for *_, size in scored])
-    rows = torch.tensor([i for i, *_ in scored])
-    for step in range(1, 1501):
-        batch = [fit[rng.randrange(len(fit))] for _ in range(64)]
-        loss = F.cross_entropy(probe(fit_vectors[[i for i, *_ in batch]], torch.tensor([s for _, s, _, _ in batch])),
-                               torch.tensor([c for _, _, c, _ in batch]))
-        popt.zero_grad()
-        loss.backward()
-        popt.step()
-        if step % 500 == 0:
-            with torch.no_grad():
-                right = probe(test_vectors[rows], shapes).argmax(-1) == colours
-            print(f"binding probe step {step}: held-out accuracy all {right.float().mean():.3f}, "
-                  f"large {right[large].float().mean():.3f}, small {right[~large].float().mean():.3f}")
+    run_probe(loaded, queries_of, what="the object-set queries", seed=args.seed)
 
 
 if __name__ == "__main__":

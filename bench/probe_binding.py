@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,18 +100,9 @@ def stage1_queries(stage1, weights: str, features: torch.Tensor) -> torch.Tensor
     return torch.cat(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a VLM training run: recipe.json and the cached tower features")
-    ap.add_argument("--data", required=True, help="the mix the run trained on (captions.jsonl with scenes)")
-    group = ap.add_mutually_exclusive_group()
-    group.add_argument("--vlm", default=None, help="probe this VLM's visual prompt instead of the tower's tokens")
-    group.add_argument("--stage1", default=None, help="probe these stage-1 weights' queries (a stage1.safetensors)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    run, data = Path(args.run), Path(args.data)
+def load_run(run: Path, data: Path):
+    """(recipe, stage-1 model, scene objects by image path, train examples, test examples, the train
+    examples' cached tower features) of a VLM training run and its data."""
     recipe = VLMRecipe.from_dict(json.loads((run / "recipe.json").read_text()))
     stage1 = build_models(recipe)[0]
     objects = {}
@@ -120,31 +112,31 @@ def main() -> None:
             if "objects" in row:
                 objects[str(data / row["image"])] = row["objects"]
     train, test = load_examples(data, "train"), load_examples(data, "test")
-    fit, scored = colour_questions(train, objects), colour_questions(test, objects)
-    # the features of the images asked about, in their own order
     features, _ = cached_features(run / "features.safetensors", stage1, recipe.vision, [e["image"] for e in train])
-    used = sorted({i for i, *_ in fit})
-    fit_vectors = features[used]
+    return recipe, stage1, objects, train, test, features
+
+
+def run_probe(loaded, read: Callable[[torch.Tensor], torch.Tensor] | None = None, *, what: str = "the tower's tokens",
+              steps: int = 1500, seed: int = 0) -> dict:
+    """Fit the binding probe on read(tower features) of the training scenes asked about, score it on
+    the held-out ones (printed every 250 steps); returns the last accuracies."""
+    recipe, stage1, objects, train, test, features = loaded
+    fit, scored = colour_questions(train, objects), colour_questions(test, objects)
+    used = sorted({i for i, *_ in fit})  # the images asked about, in their own order
     at = {i: k for k, i in enumerate(used)}
-    fit = [(at[i], *rest) for i, *rest in fit]
+    fit, fit_vectors = [(at[i], *rest) for i, *rest in fit], features[used]
     held = sorted({i for i, *_ in scored})
     where = {i: k for k, i in enumerate(held)}
     test_vectors, _ = vision_features(stage1.visual, [test[i]["image"] for i in held], stage1.cfg.image_transform,
                                       tiles=recipe.tiles, tile_pool=recipe.tile_pool)
     scored = [(where[i], *rest) for i, *rest in scored]
-    what = "the tower's tokens"
-    if args.vlm:
-        fit_vectors, test_vectors = visual_prompts(args.vlm, fit_vectors), visual_prompts(args.vlm, test_vectors)
-        what = f"the visual prompt of {args.vlm}"
-    elif args.stage1:
-        fit_vectors = stage1_queries(stage1, args.stage1, fit_vectors)
-        test_vectors = stage1_queries(stage1, args.stage1, test_vectors)
-        what = f"the stage-1 queries of {args.stage1}"
+    if read is not None:
+        fit_vectors, test_vectors = read(fit_vectors), read(test_vectors)
     print(f"{what}: {tuple(fit_vectors.shape[1:])} a scene; {len(fit)} questions to fit, {len(scored)} held out")
 
     probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1])
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     shapes_t = torch.tensor([s for _, s, _, _ in scored])
     colours_t = torch.tensor([c for _, _, c, _ in scored])
     large = torch.tensor([size == "large" for *_, size in scored])
@@ -159,15 +151,41 @@ def main() -> None:
                 "small": round(right[~large].float().mean().item(), 3)}
 
     t0 = time.time()
-    for step in range(1, args.steps + 1):
+    result = {}
+    for step in range(1, steps + 1):
         batch = [fit[rng.randrange(len(fit))] for _ in range(64)]
         logits = probe(fit_vectors[[i for i, *_ in batch]].float(), torch.tensor([s for _, s, _, _ in batch]))
         loss = F.cross_entropy(logits, torch.tensor([c for _, _, c, _ in batch]))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 250 == 0 or step == args.steps:
-            print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {accuracy()} ({time.time() - t0:.0f} s)")
+        if step % 250 == 0 or step == steps:
+            result = accuracy()
+            print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {result} ({time.time() - t0:.0f} s)")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a VLM training run: recipe.json and the cached tower features")
+    ap.add_argument("--data", required=True, help="the mix the run trained on (captions.jsonl with scenes)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--vlm", default=None, help="probe this VLM's visual prompt instead of the tower's tokens")
+    group.add_argument("--stage1", default=None, help="probe these stage-1 weights' queries (a stage1.safetensors)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    loaded = load_run(Path(args.run), Path(args.data))
+    stage1 = loaded[1]
+    if args.vlm:
+        run_probe(loaded, lambda f: visual_prompts(args.vlm, f), what=f"the visual prompt of {args.vlm}",
+                  steps=args.steps, seed=args.seed)
+    elif args.stage1:
+        run_probe(loaded, lambda f: stage1_queries(stage1, args.stage1, f), what=f"the stage-1 queries of {args.stage1}",
+                  steps=args.steps, seed=args.seed)
+    else:
+        run_probe(loaded, steps=args.steps, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,9 @@ def transcribe(
     if not target.exists():
         raise FileNotFoundError(f"{target}: no such file or directory")
     import polymodal
-    from polymodal.tasks.asr import LONG_FORMS
+    from polymodal.tasks.asr import check_long_form
 
-    if long_form not in LONG_FORMS:
-        raise ValueError(f"--long-form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
+    check_long_form(long_form, "--long-form")
     asr = polymodal.load_asr(model)
     ctx = audio_ctx or None
     if target.is_file():

