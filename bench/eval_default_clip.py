@@ -49,6 +49,54 @@ def name_ceiling(embedder, root, hierarchy) -> dict:
                                             subclasses=hierarchy).accuracy}
 
 
+def member_names(embedder, root, where: dict[str, str], k: int = 20, temperature: float = 0.05) -> dict:
+    """Category accuracy when each category is described by the names of its *training* emoji
+    ("an emoji of {name}"), not by its own name: each held-out image takes the categories of its k
+    most similar names, each vote weighted exp(cosine / temperature). Only text describes the
+    classes (no labelled image), so it is still zero-shot; the held-out emoji's own names are in no
+    list. `ceiling`: the same done with the held-out emoji's names in place of their images."""
+    from polymodal.data.pairs import PairDataset
+
+    members: dict[str, set[str]] = {}
+    held: dict[str, str] = {}
+    ceiling_names: dict[str, str] = {}
+    with open(f"{root}/captions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] == "train":
+                members.setdefault(row["category"], set()).add(row["name"])
+            elif all(str(row.get(key)) == value for key, value in where.items()):
+                ceiling_names[row["name"]] = row["category"]
+    data = PairDataset(root, split="test")
+    for p in data.pairs:
+        if all(str(p.meta.get(key)) == value for key, value in where.items()):
+            held[p.image] = str(p.meta["category"])
+    classes = sorted(set(held.values()))
+    names = [(n, c) for c in classes for n in sorted(members.get(c, ()))]
+    bank = _unit(embedder.encode_text([f"an emoji of {n}" for n, _ in names]))  # (M, D)
+    owner = np.array([classes.index(c) for _, c in names])
+
+    def vote(vectors: np.ndarray) -> np.ndarray:
+        sims = _unit(vectors) @ bank.T  # (N, M)
+        top = np.argsort(-sims, axis=1)[:, :k]
+        scores = np.zeros((len(vectors), len(classes)))
+        for r in range(len(vectors)):
+            np.add.at(scores[r], owner[top[r]], np.exp(sims[r, top[r]] / temperature))
+        return scores.argmax(axis=1)
+
+    images = sorted(held)
+    truth = np.array([classes.index(held[i]) for i in images])
+    accuracy = float((vote(embedder.encode_image([str(data.root / i) for i in images])) == truth).mean())
+    texts = [(n, c) for n, c in ceiling_names.items() if c in classes]
+    ceiling = vote(embedder.encode_text([f"an emoji of {n}" for n, _ in texts]))
+    return {"images": len(images), "accuracy": round(accuracy, 3),
+            "ceiling": round(float((ceiling == np.array([classes.index(c) for _, c in texts])).mean()), 3)}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def synonym_search(embedder, root, style: str = "apple", k: int = 10) -> dict:
     """For each query: is any image whose name holds one of its words in the top k, and how many."""
     from polymodal.data.pairs import PairDataset
@@ -116,7 +164,8 @@ def main() -> None:
                 out["per_class"] = report["zero_shot"].per_class
         return out
 
-    figures: dict = {"emoji_heldout": {}, "emoji_heldout_subcategories": {}, "emoji_names": {}}
+    figures: dict = {"emoji_heldout": {}, "emoji_heldout_subcategories": {}, "emoji_member_names": {},
+                     "emoji_names": {}}
     hierarchy = emoji_hierarchy(args.emoji)
     for style in ("google", "twitter", "openmoji", "apple"):
         where = {"style": style} if style != "apple" else {"style": "apple", "heldout": "True"}
@@ -126,6 +175,7 @@ def main() -> None:
         figures["emoji_heldout_subcategories"][style] = summary(evaluate_folder(
             embedder, args.emoji, split="test", label_key="category", templates=TEMPLATES, where=where,
             subclasses=hierarchy), True)
+        figures["emoji_member_names"][style] = member_names(embedder, args.emoji, where)
         figures["emoji_names"][style] = summary(evaluate_folder(
             embedder, args.emoji, split="test", label_key=None, where=where, text_key="name"))
     figures["emoji_apple_all"] = summary(evaluate_folder(
