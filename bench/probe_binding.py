@@ -53,21 +53,43 @@ def colour_questions(examples: list[dict], objects: dict[str, list[dict]]) -> li
     return out
 
 
-class BindingProbe(nn.Module):
-    """[asked shape; the vectors] -> 2 pre-norm transformer layers -> 8 colour logits from the first."""
+READERS = ("joint", "cross", "tokens+cross")
 
-    def __init__(self, dim: int, tokens: int, width: int = 128):
+
+class BindingProbe(nn.Module):
+    """The asked shape reads the vectors through 2 pre-norm transformer layers; 8 colour logits.
+
+    How it reads them (`reader`):
+      - "joint": one sequence [asked shape; vectors], self-attention over all of it, so the vectors
+        also attend to each other and to the question;
+      - "cross": as a Q-Former query does: the asked shape cross-attends to the vectors, which are
+        never mixed (each key and value is linear in one vector);
+      - "tokens+cross": as "cross", after one self-attention layer over the vectors alone (which
+        does not see the question)."""
+
+    def __init__(self, dim: int, tokens: int, width: int = 128, reader: str = "joint"):
         super().__init__()
+        if reader not in READERS:
+            raise ValueError(f"reader {reader!r}: expected one of {READERS}")
+        self.reader = reader
         self.inp = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.zeros(tokens, width))
         self.shape = nn.Embedding(len(SHAPES), width)
-        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        if reader == "joint":
+            layer = nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        else:
+            layer = nn.TransformerDecoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
+            self.decoder = nn.TransformerDecoder(layer, 2)
+            self.mix = (nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
+                        if reader == "tokens+cross" else nn.Identity())
         self.out = nn.Linear(width, len(COLOUR_NAMES))
 
     def forward(self, vectors: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.shape(shape)[:, None], self.inp(vectors) + self.pos], 1)
-        return self.out(self.encoder(x)[:, 0])
+        tokens, question = self.inp(vectors) + self.pos, self.shape(shape)[:, None]
+        if self.reader == "joint":
+            return self.out(self.encoder(torch.cat([question, tokens], 1))[:, 0])
+        return self.out(self.decoder(question, self.mix(tokens))[:, 0])
 
 
 def visual_prompts(vlm_dir: str, features: torch.Tensor) -> torch.Tensor:
@@ -117,7 +139,7 @@ def load_run(run: Path, data: Path):
 
 
 def run_probe(loaded, read: Callable[[torch.Tensor], torch.Tensor] | None = None, *, what: str = "the tower's tokens",
-              steps: int = 1500, seed: int = 0) -> dict:
+              steps: int = 1500, seed: int = 0, reader: str = "joint") -> dict:
     """Fit the binding probe on read(tower features) of the training scenes asked about, score it on
     the held-out ones (printed every 250 steps); returns the last accuracies."""
     recipe, stage1, objects, train, test, features = loaded
@@ -132,9 +154,9 @@ def run_probe(loaded, read: Callable[[torch.Tensor], torch.Tensor] | None = None
     scored = [(where[i], *rest) for i, *rest in scored]
     if read is not None:
         fit_vectors, test_vectors = read(fit_vectors), read(test_vectors)
-    print(f"{what}: {tuple(fit_vectors.shape[1:])} a scene; {len(fit)} questions to fit, {len(scored)} held out")
+    print(f"{what}, read {reader}: {tuple(fit_vectors.shape[1:])} a scene; {len(fit)} questions to fit, {len(scored)} held out")
 
-    probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1])
+    probe = BindingProbe(fit_vectors.shape[-1], fit_vectors.shape[1], reader=reader)
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
     rng = random.Random(seed)
     shapes_t = torch.tensor([s for _, s, _, _ in scored])
@@ -174,18 +196,19 @@ def main() -> None:
     group.add_argument("--stage1", default=None, help="probe these stage-1 weights' queries (a stage1.safetensors)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reader", choices=READERS, default="joint", help="how the probe reads the vectors (see BindingProbe)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     loaded = load_run(Path(args.run), Path(args.data))
     stage1 = loaded[1]
     if args.vlm:
         run_probe(loaded, lambda f: visual_prompts(args.vlm, f), what=f"the visual prompt of {args.vlm}",
-                  steps=args.steps, seed=args.seed)
+                  steps=args.steps, seed=args.seed, reader=args.reader)
     elif args.stage1:
         run_probe(loaded, lambda f: stage1_queries(stage1, args.stage1, f), what=f"the stage-1 queries of {args.stage1}",
-                  steps=args.steps, seed=args.seed)
+                  steps=args.steps, seed=args.seed, reader=args.reader)
     else:
-        run_probe(loaded, steps=args.steps, seed=args.seed)
+        run_probe(loaded, steps=args.steps, seed=args.seed, reader=args.reader)
 
 
 if __name__ == "__main__":

@@ -85,11 +85,18 @@ def main() -> None:
     ap.add_argument("--types", default="", help="train on these question types only (comma-separated)")
     ap.add_argument("--per-type", type=int, default=150, help="held-out questions scored per type")
     ap.add_argument("--fresh", action="store_true", help="start from a fresh Q-Former, not the run's stage 1")
+    ap.add_argument("--in-queries", action="store_true",
+                    help="add the question's mean word to every query too (Blip2Config.instruction_in_queries)")
+    ap.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast, as stage 2)")
+    ap.add_argument("--save", default=None,
+                    help="write the trained parts (Q-Former, instruction_proj, projection) to this safetensors file, "
+                         "for a recipe's stage2_init")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     run, data = Path(args.run), Path(args.data)
-    recipe = VLMRecipe.from_dict(json.loads((run / "recipe.json").read_text()))
+    recipe = VLMRecipe.from_dict({**json.loads((run / "recipe.json").read_text()),
+                                  **({"instruction_in_queries": True} if args.in_queries else {})})
     if not recipe.instruction:
         raise SystemExit(f"{run}: not an instruction-aware run (its recipe has no \"instruction\": true)")
     stage1, model, tokenizer, template, _ = build_models(recipe)
@@ -180,7 +187,7 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         rows = [items[rng.randrange(len(items))] for _ in range(args.batch_size)]
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32):
             visual = prompts(rows, features[[i for i, *_ in rows]].float())
         loss = F.cross_entropy(lookup(visual), torch.tensor([index[token] for *_, token in rows]))
         opt.zero_grad()
@@ -192,6 +199,12 @@ def main() -> None:
         if step % 500 == 0 or step == args.steps:
             pointed, read = evaluate(step == args.steps)
             print(f"step {step}: lookup {pointed}" + (f", through the LLM {read}" if read else ""), flush=True)
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad},
+                  args.save)
+        print(f"saved the trained parts to {args.save}")
 
 
 if __name__ == "__main__":

@@ -231,3 +231,32 @@ def test_loss_scores_text_only_and_generation_without_cache():
     with pytest.raises(ConfigError, match="needs a language model"):
         Blip2(Blip2Config(vision=vision, lm=None))
 
+
+
+def test_instruction_in_queries_starts_every_query_from_the_question():
+    """instruction_in_queries: each learned query starts from the question's mean projected word
+    (padding not counted), on top of reading the question beside the queries; it needs instruction."""
+    torch.manual_seed(0)
+    lm = LMConfig(family="opt", vocab_size=40, width=16, layers=1, heads=2, mlp_dim=24, act="relu", norm_eps=1e-5,
+                  max_positions=32, tie_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True, eos_token_id=None)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp_dim=24, act="gelu",
+                          norm_eps=1e-6, pre_norm=False, patch_bias=True)
+    qformer = QFormerConfig(vocab_size=0, width=16, layers=2, heads=2, mlp_dim=24, num_query_tokens=3,
+                            context_length=8, lm_head=False)
+    cfg = Blip2Config(vision=vision, qformer=qformer, lm=lm, instruction=True, instruction_in_queries=True)
+    model = _noise(Blip2(cfg))
+    plain = Blip2(cfg.replace(instruction_in_queries=False)).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights: the option adds none
+    px, question = pixels(1), torch.tensor([[5, 9, 12, 7]])
+    padded, mask = torch.tensor([[5, 9, 12, 7, 1, 1]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        fused = model.visual_prompt(px, instruction=question)
+        words = model.instruction_proj(model.lm.embed(question))  # (1, 4, width)
+        features = image_features(model.visual, px)
+        by_hand = model.language_projection(model.qformer(features, text_embeds=words, query_offset=words.mean(1)).queries)
+        torch.testing.assert_close(fused, by_hand, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.visual_prompt(px, instruction=padded, instruction_mask=mask), fused,
+                                   atol=1e-5, rtol=1e-4)  # padding is not in the mean
+        assert (fused - plain.visual_prompt(px, instruction=question)).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="needs an instruction-aware"):
+        Blip2(cfg.replace(instruction=False))

@@ -35,6 +35,7 @@ from polymodal.train.vlm import (
     chat_loss,
     followup_chats,
     load_examples,
+    load_stage2_init,
     match_prompt_scale,
     pick_pair,
     stage1_batches,
@@ -460,6 +461,46 @@ def test_instruction_aware_queries_read_the_question(parts, tmp_path):
     session.send("How many shapes are there?", max_new_tokens=2)
     session.send("What colour is the circle?", max_new_tokens=2)
     assert seen == [vlm.encode("How many shapes are there?", specials=False)] * 2
+
+
+def test_instruction_in_queries_reaches_the_stage_2_model(parts):
+    stage2 = build_models(recipe(parts, instruction=True, instruction_in_queries=True))[1]
+    assert stage2.cfg.instruction and stage2.cfg.instruction_in_queries
+    assert VLMRecipe.from_dict({"instruction": True, "instruction_in_queries": True}).instruction_in_queries
+    assert not build_models(recipe(parts, instruction=True))[1].cfg.instruction_in_queries
+
+
+def test_stage2_init_loads_trained_parts_and_refuses_others(parts, tmp_path):
+    """recipe stage2_init: trained stage-2 parts (a qformer_lookup --save file) replace what stage 1
+    handed on; the frozen ViT's or LLM's weights, unknown keys and other shapes are refused."""
+    from safetensors.torch import save_file
+
+    rec = recipe(parts, instruction=True)
+    assert VLMRecipe.from_dict({**rec.to_dict(), "stage2_init": "x.safetensors"}).stage2_init == "x.safetensors"
+    trained = build_models(rec)[1]
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if name.startswith(("qformer.", "instruction_proj.", "language_projection.")):
+                p.add_(torch.randn_like(p))
+    parts_file = tmp_path / "parts.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()
+               if k.startswith(("qformer.", "instruction_proj.", "language_projection."))}, str(parts_file))
+    fresh = build_models(rec)[1]
+    lm_before = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("lm.")}
+    load_stage2_init(fresh, parts_file)
+    for name, value in fresh.state_dict().items():
+        expected = lm_before[name] if name.startswith("lm.") else trained.state_dict()[name]
+        assert torch.equal(value, expected), name
+
+    def refused(weights: dict, match: str) -> None:
+        bad = tmp_path / "bad.safetensors"
+        save_file(weights, str(bad))
+        with pytest.raises(ValueError, match=match):
+            load_stage2_init(fresh, bad)
+
+    refused({"lm.token_embed.weight": fresh.lm.token_embed.weight.detach().clone()}, "frozen keys")
+    refused({"qformer.nonsense": torch.zeros(2)}, "unknown keys")
+    refused({"instruction_proj.weight": torch.zeros(3, 3)}, "weights of another recipe")
 
 
 def test_qa_text_makes_stage_1_texts_the_scenes_own_questions_and_answers(parts):

@@ -329,6 +329,10 @@ class Blip2Config(_Config):
     # fetch what the question asks about. The instruction is embedded by the LLM's own (frozen) word
     # embeddings, then `instruction_proj`; its Q-Former has a text side with vocab_size 0.
     instruction: bool = False
+    # Also add the instruction's mean projected word to every query before the first layer, so each
+    # query holds the question when it first reads the image (polymodal's addition; MODEL_CARD.md,
+    # "The question must be in the queries"). Needs `instruction`.
+    instruction_in_queries: bool = False
     # Tiles (models/blip2.py `tile_views`): besides the whole picture, the frozen ViT reads a
     # tiles x tiles grid of overlapping crops, each half the side, enlarged back to its input size, so
     # a small object covers four times the patches (0: the whole picture alone). tile_pool: average

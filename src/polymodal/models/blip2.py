@@ -234,6 +234,8 @@ class Blip2(nn.Module):
         if cfg.instruction and not (cfg.qformer.text_input and cfg.qformer.vocab_size == 0):
             raise ConfigError("an instruction-aware BLIP-2 needs a Q-Former text side without word embeddings "
                               "(QFormerConfig text_input=True, vocab_size=0)")
+        if cfg.instruction_in_queries and not cfg.instruction:
+            raise ConfigError("instruction_in_queries needs an instruction-aware BLIP-2 (instruction=True)")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision)
         self.views = ViewEmbedding(cfg) if cfg.tiles else None
@@ -256,7 +258,13 @@ class Blip2(nn.Module):
         if instruction_mask is not None:
             instruction_mask = instruction_mask[:, :instruction.shape[1]]
         words = self.instruction_proj(self.lm.embed(instruction).to(features.dtype))  # (B, T, width)
-        queries = self.qformer(features, attention_mask=instruction_mask, text_embeds=words, eager=eager).queries
+        offset = None
+        if self.cfg.instruction_in_queries:  # the question's mean word, added to every query
+            real = (torch.ones(instruction.shape, device=words.device) if instruction_mask is None
+                    else instruction_mask.to(words.device)).to(words.dtype)[..., None]  # (B, T, 1)
+            offset = (words * real).sum(1) / real.sum(1).clamp(min=1)  # (B, width)
+        queries = self.qformer(features, attention_mask=instruction_mask, text_embeds=words, query_offset=offset,
+                               eager=eager).queries
         return self.language_projection(queries)
 
     def prompt(self, pixels: Tensor, ids: Tensor, attention_mask: Tensor | None = None, *,

@@ -194,14 +194,16 @@ class QFormer(nn.Module):
 
     def forward(self, image: Tensor | None = None, ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 *, mask: Mask = "itm", image_mask: Tensor | None = None, text_embeds: Tensor | None = None,
-                shared: SharedImage | None = None, eager: bool = False) -> QFormerOutput:
+                shared: SharedImage | None = None, query_offset: Tensor | None = None,
+                eager: bool = False) -> QFormerOutput:
         """image (B, S, vision_width): the frozen encoder's tokens; without it, no queries run
         (ITC's text encoder). ids, attention_mask (B, T), 1 = real token: the text; without it the
         queries run alone. text_embeds (B, T, width) instead of ids: the text's word embeddings, made
         elsewhere (positions are added here). mask: how queries and text see each other ("itc",
         "itm", "itg"). image_mask (B, S), 1 = real: the positions of `image` the queries may read.
         shared: the keys and values of `image` (N, S, vision_width) kept across passes; the batch is
-        then its rows (`SharedImage.select`), or all N."""
+        then its rows (`SharedImage.select`), or all N. query_offset (B, width): added to every
+        learned query before the first layer (a question the queries start from)."""
         if ids is not None and text_embeds is not None:
             raise ValueError("give the text as ids or as text_embeds, not both")
         if image is None and ids is None and text_embeds is None:
@@ -213,7 +215,8 @@ class QFormer(nn.Module):
             image = image.to(self.query_tokens.dtype)
             Q = self.cfg.num_query_tokens
             B = image.shape[0] if shared is None else shared.batch(image)
-            parts.append(self.query_tokens.expand(B, -1, -1))  # (B, Q, width)
+            queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, width)
+            parts.append(queries if query_offset is None else queries + query_offset[:, None].to(queries.dtype))
         attn_mask = None
         has_text = ids is not None or text_embeds is not None
         if has_text:

@@ -84,6 +84,9 @@ class VLMRecipe:
     # its answer ("what colour is the star? red"): ITG must answer from the queries alone, so they learn to hold
     # every object's colour and shape, not only what a caption leads with
     instruction: bool = False  # InstructBLIP: stage 2's queries read the question (Blip2Config.instruction)
+    instruction_in_queries: bool = False  # and start from it (Blip2Config.instruction_in_queries)
+    stage2_init: str | None = None  # a safetensors file of trained stage-2 parts (Q-Former, instruction_proj,
+    # language_projection: `bench/qformer_lookup.py --save`) loaded over what stage 1 hands on, before stage 2
     tiles: int = 0  # the ViT also reads a tiles x tiles grid of enlarged crops (Blip2Config.tiles; 0: none)
     tile_pool: int = 1  # their patch tokens averaged in blocks of this side (Blip2Config.tile_pool)
     save_every: int = 100  # each stage keeps its state every this many steps (stage1-state.*, stage2-state.*),
@@ -235,7 +238,7 @@ def build_models(recipe: VLMRecipe):
     stage2_q = (qcfg.replace(vocab_size=0, lm_head=False) if recipe.instruction
                 else qcfg.replace(text_input=False, lm_head=False))
     stage2 = Blip2(Blip2Config(qformer=stage2_q, lm=lm.cfg, lm_weights=recipe.lm, instruction=recipe.instruction,
-                               **base))
+                               instruction_in_queries=recipe.instruction_in_queries, **base))
     for part in (stage1.qformer, stage1.vision_proj, stage1.text_proj, stage1.itm_head):  # (views start at 0)
         part.apply(bert_init)
     for model in (stage1, stage2):
@@ -255,6 +258,25 @@ def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
     if missing:
         raise ValueError(f"stage 1's Q-Former lacks {missing[:3]}")
     stage2.qformer.load_state_dict({k: source[k] for k in target})
+
+
+def load_stage2_init(stage2: Blip2, path: str | Path) -> None:
+    """Load trained stage-2 parts from `path` (a safetensors file) into `stage2`. Its keys must be
+    stage-2 parameters of the same shapes, and none of the frozen ViT's or LLM's."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    own = stage2.state_dict()
+    frozen = sorted(k for k in weights if k.startswith(FROZEN))
+    unknown = sorted(k for k in weights if k not in own)
+    if frozen or unknown:
+        raise ValueError(f"{path}: not stage-2 trained parts: {(frozen + unknown)[:3]} "
+                         f"({'frozen' if frozen else 'unknown'} keys)")
+    wrong = sorted(k for k, v in weights.items() if v.shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"{path}: {wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model's "
+                         f"{tuple(own[wrong[0]].shape)}: weights of another recipe")
+    stage2.load_state_dict(weights, strict=False)
 
 
 @torch.no_grad()
@@ -358,6 +380,9 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         stage1_file.with_suffix(".tmp").replace(stage1_file)
 
     transfer_qformer(stage1, stage2)
+    if recipe.stage2_init:
+        load_stage2_init(stage2, recipe.stage2_init)
+        _log(metrics, {"stage": "stage2", "init": recipe.stage2_init})
     if recipe.match_scale:
         before, after = match_prompt_scale(stage2, features[:256])
         _log(metrics, {"stage": "scale", "prompt_norm": round(before, 3), "matched": round(after, 3)})
