@@ -53,7 +53,7 @@ def colour_questions(examples: list[dict], objects: dict[str, list[dict]]) -> li
     return out
 
 
-READERS = ("joint", "cross", "tokens+cross")
+READERS = ("joint", "cross")
 
 
 class BindingProbe(nn.Module):
@@ -63,9 +63,7 @@ class BindingProbe(nn.Module):
       - "joint": one sequence [asked shape; vectors], self-attention over all of it, so the vectors
         also attend to each other and to the question;
       - "cross": as a Q-Former query does: the asked shape cross-attends to the vectors, which are
-        never mixed (each key and value is linear in one vector);
-      - "tokens+cross": as "cross", after one self-attention layer over the vectors alone (which
-        does not see the question)."""
+        never mixed (each key and value is linear in one vector)."""
 
     def __init__(self, dim: int, tokens: int, width: int = 128, reader: str = "joint"):
         super().__init__()
@@ -81,15 +79,13 @@ class BindingProbe(nn.Module):
         else:
             layer = nn.TransformerDecoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
             self.decoder = nn.TransformerDecoder(layer, 2)
-            self.mix = (nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
-                        if reader == "tokens+cross" else nn.Identity())
         self.out = nn.Linear(width, len(COLOUR_NAMES))
 
     def forward(self, vectors: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         tokens, question = self.inp(vectors) + self.pos, self.shape(shape)[:, None]
         if self.reader == "joint":
             return self.out(self.encoder(torch.cat([question, tokens], 1))[:, 0])
-        return self.out(self.decoder(question, self.mix(tokens))[:, 0])
+        return self.out(self.decoder(question, tokens)[:, 0])
 
 
 def visual_prompts(vlm_dir: str, features: torch.Tensor) -> torch.Tensor:

@@ -232,7 +232,6 @@ def test_loss_scores_text_only_and_generation_without_cache():
         Blip2(Blip2Config(vision=vision, lm=None))
 
 
-
 def test_instruction_in_queries_starts_every_query_from_the_question():
     """instruction_in_queries: each learned query starts from the question's mean projected word
     (padding not counted), on top of reading the question beside the queries; it needs instruction."""

@@ -472,25 +472,25 @@ def test_instruction_in_queries_reaches_the_stage_2_model(parts):
 
 def test_stage2_init_loads_trained_parts_and_refuses_others(parts, tmp_path):
     """recipe stage2_init: trained stage-2 parts (a qformer_lookup --save file) replace what stage 1
-    handed on; the frozen ViT's or LLM's weights, unknown keys and other shapes are refused."""
+    handed on; the frozen ViT's or LLM's weights, missing or unknown keys and other shapes are refused."""
     from safetensors.torch import save_file
 
     rec = recipe(parts, instruction=True)
     assert VLMRecipe.from_dict({**rec.to_dict(), "stage2_init": "x.safetensors"}).stage2_init == "x.safetensors"
     trained = build_models(rec)[1]
+    stage2_parts = ("qformer.", "instruction_proj.", "language_projection.")
     with torch.no_grad():
         for name, p in trained.named_parameters():
-            if name.startswith(("qformer.", "instruction_proj.", "language_projection.")):
+            if name.startswith(stage2_parts):
                 p.add_(torch.randn_like(p))
+    saved = {k: v.contiguous() for k, v in trained.state_dict().items() if k.startswith(stage2_parts)}
     parts_file = tmp_path / "parts.safetensors"
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()
-               if k.startswith(("qformer.", "instruction_proj.", "language_projection."))}, str(parts_file))
+    save_file(saved, str(parts_file))
     fresh = build_models(rec)[1]
-    lm_before = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("lm.")}
+    frozen = {k: v.clone() for k, v in fresh.state_dict().items() if not k.startswith(stage2_parts)}  # ViT, LLM
     load_stage2_init(fresh, parts_file)
     for name, value in fresh.state_dict().items():
-        expected = lm_before[name] if name.startswith("lm.") else trained.state_dict()[name]
-        assert torch.equal(value, expected), name
+        assert torch.equal(value, frozen[name] if name in frozen else saved[name]), name
 
     def refused(weights: dict, match: str) -> None:
         bad = tmp_path / "bad.safetensors"
@@ -498,9 +498,10 @@ def test_stage2_init_loads_trained_parts_and_refuses_others(parts, tmp_path):
         with pytest.raises(ValueError, match=match):
             load_stage2_init(fresh, bad)
 
-    refused({"lm.token_embed.weight": fresh.lm.token_embed.weight.detach().clone()}, "frozen keys")
-    refused({"qformer.nonsense": torch.zeros(2)}, "unknown keys")
-    refused({"instruction_proj.weight": torch.zeros(3, 3)}, "weights of another recipe")
+    refused({**saved, "lm.token_embed.weight": fresh.lm.token_embed.weight.detach().clone()}, "holds frozen weights")
+    refused({**saved, "qformer.nonsense": torch.zeros(2)}, r"unexpected \['qformer.nonsense'\]")
+    refused({k: v for k, v in saved.items() if k != "instruction_proj.bias"}, r"missing \['instruction_proj.bias'\]")
+    refused({**saved, "instruction_proj.weight": torch.zeros(3, 3)}, r"instruction_proj.weight: \(3, 3\)")
 
 
 def test_qa_text_makes_stage_1_texts_the_scenes_own_questions_and_answers(parts):

@@ -331,7 +331,7 @@ class Blip2Config(_Config):
     instruction: bool = False
     # Also add the instruction's mean projected word to every query before the first layer, so each
     # query holds the question when it first reads the image (polymodal's addition; MODEL_CARD.md,
-    # "The question must be in the queries"). Needs `instruction`.
+    # "Twice the stage-2 training, and where the lookup stalls"). Needs `instruction`.
     instruction_in_queries: bool = False
     # Tiles (models/blip2.py `tile_views`): besides the whole picture, the frozen ViT reads a
     # tiles x tiles grid of overlapping crops, each half the side, enlarged back to its input size, so

@@ -260,8 +260,8 @@ class Blip2(nn.Module):
         words = self.instruction_proj(self.lm.embed(instruction).to(features.dtype))  # (B, T, width)
         offset = None
         if self.cfg.instruction_in_queries:  # the question's mean word, added to every query
-            real = (torch.ones(instruction.shape, device=words.device) if instruction_mask is None
-                    else instruction_mask.to(words.device)).to(words.dtype)[..., None]  # (B, T, 1)
+            real = (torch.ones_like(instruction) if instruction_mask is None else instruction_mask)
+            real = real.to(words.device, words.dtype)[..., None]  # (B, T, 1)
             offset = (words * real).sum(1) / real.sum(1).clamp(min=1)  # (B, width)
         queries = self.qformer(features, attention_mask=instruction_mask, text_embeds=words, query_offset=offset,
                                eager=eager).queries

@@ -261,22 +261,16 @@ def transfer_qformer(stage1: Blip2Stage1, stage2: Blip2) -> None:
 
 
 def load_stage2_init(stage2: Blip2, path: str | Path) -> None:
-    """Load trained stage-2 parts from `path` (a safetensors file) into `stage2`. Its keys must be
-    stage-2 parameters of the same shapes, and none of the frozen ViT's or LLM's."""
-    from safetensors.torch import load_file
+    """Load every trained stage-2 part (all but the frozen ViT and LLM) from `path` into `stage2`;
+    a frozen part, a missing or unknown key, or another shape is refused (`load_exact`)."""
+    from polymodal.checkpoints.state import CheckpointError, load_exact, read_state_dict
 
-    weights = load_file(str(path))
-    own = stage2.state_dict()
+    weights = read_state_dict(path)
     frozen = sorted(k for k in weights if k.startswith(FROZEN))
-    unknown = sorted(k for k in weights if k not in own)
-    if frozen or unknown:
-        raise ValueError(f"{path}: not stage-2 trained parts: {(frozen + unknown)[:3]} "
-                         f"({'frozen' if frozen else 'unknown'} keys)")
-    wrong = sorted(k for k, v in weights.items() if v.shape != own[k].shape)
-    if wrong:
-        raise ValueError(f"{path}: {wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model's "
-                         f"{tuple(own[wrong[0]].shape)}: weights of another recipe")
-    stage2.load_state_dict(weights, strict=False)
+    if frozen:
+        raise CheckpointError(f"{path}: holds frozen weights {frozen[:3]}; give the trained stage-2 parts only")
+    kept = {k: v for k, v in stage2.state_dict().items() if k.startswith(FROZEN)}
+    load_exact(stage2, {**kept, **weights}, source=str(path))
 
 
 @torch.no_grad()
