@@ -9,7 +9,8 @@ model (Q-Former reading the question beside its queries, `instruction_proj`, `la
 is trained on the scenes' questions with no pass through the LLM: the visual prompt must point at
 the answer. Each of the answers' first tokens (19: colours, shapes, numbers, yes, no) is scored by
 its best query, max over queries of the cosine between the query's prompt vector and the LLM's
-word embedding of that token (a logsumexp, scaled by a learned temperature); cross-entropy on the
+word embedding of that token (a logsumexp at a fixed temperature,
+train/vlm_lookup.py's `point_scores`, which a recipe's lookup stage trains with); cross-entropy on the
 right one. Each step is about 0.18 s (batch 64), against about 1.1 s for a stage-2 step.
 
 Printed, on held-out scenes (split "test", up to --per-type questions a type):
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from polymodal.train.chat_rows import ChatFormat
 from polymodal.train.vlm import (
@@ -38,41 +38,14 @@ from polymodal.train.vlm import (
     build_models,
     cached_features,
     load_examples,
+    load_stage2_init,
     match_prompt_scale,
-    pairs_by_kind,
     transfer_qformer,
     vision_features,
 )
 from polymodal.train.vlm_data import _padded
-
-
-def questions(examples: list[dict], fmt: ChatFormat) -> list[tuple[int, str, str, int]]:
-    """(example index, question type, question, the answer's first LLM token) of every scene question."""
-    out = []
-    for i, ex in enumerate(examples):
-        if ex["dataset"] != "scenes":
-            continue
-        for kind, pairs in pairs_by_kind(ex).items():
-            if kind in ("caption", "name"):
-                continue
-            for q, a in pairs:
-                ids, spans = fmt.turns([(q, a)])
-                out.append((i, kind, q, ids[spans[0][0]]))
-    return out
-
-
-class Lookup(nn.Module):
-    """Scores of each answer token (C,) for a visual prompt (B, Q, E): the best query's cosine with the
-    token's word embedding, a logsumexp over queries at a learned temperature."""
-
-    def __init__(self, answer_embeds: torch.Tensor):
-        super().__init__()
-        self.register_buffer("answers", F.normalize(answer_embeds.float(), dim=-1))  # (C, E)
-        self.log_scale = nn.Parameter(torch.tensor(3.0))
-
-    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
-        cos = F.normalize(prompt.float(), dim=-1) @ self.answers.t()  # (B, Q, C)
-        return torch.logsumexp(self.log_scale.exp() * cos, dim=1)  # (B, C)
+from polymodal.train.vlm_lookup import point_scores
+from polymodal.train.vlm_lookup import scene_questions as questions
 
 
 def main() -> None:
@@ -88,6 +61,9 @@ def main() -> None:
     ap.add_argument("--in-queries", action="store_true",
                     help="add the question's mean word to every query too (Blip2Config.instruction_in_queries)")
     ap.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast, as stage 2)")
+    ap.add_argument("--init", default=None,
+                    help="start from these trained stage-2 parts (a run's lookup.safetensors, or --save's file); "
+                         "with --steps 0 this only scores them")
     ap.add_argument("--save", default=None,
                     help="write the trained parts (Q-Former, instruction_proj, projection) to this safetensors file, "
                          "for a recipe's stage2_init")
@@ -108,6 +84,8 @@ def main() -> None:
         stage1.load_state_dict(load_file(str(run / "stage1.safetensors")))
     transfer_qformer(stage1, model)
     match_prompt_scale(model, features[:256])
+    if args.init:
+        load_stage2_init(model, args.init)
     fmt = ChatFormat(tokenizer, template, model.cfg.lm.eos_ids[0])
 
     items = questions(train, fmt)
@@ -131,7 +109,8 @@ def main() -> None:
     held_features, _ = vision_features(stage1.visual, [test[i]["image"] for i in shown], stage1.cfg.image_transform)
     print(f"{len(items)} training questions, {len(held)} held out, {len(answers)} answer tokens", flush=True)
 
-    lookup = Lookup(model.lm.token_embed.weight.detach()[answers])
+    answer_embeds = model.lm.token_embed.weight.detach()[answers]
+    lookup = lambda prompt: point_scores(prompt, answer_embeds)  # noqa: E731
     context = model.cfg.qformer.context_length
     encode = tokenizer.backend.encode
 
@@ -178,8 +157,7 @@ def main() -> None:
                if name.startswith(("qformer.", "language_projection.", "instruction_proj."))]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": trained, "weight_decay": 0.05},
-                             {"params": list(lookup.parameters()), "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
     rng = random.Random(args.seed)
     t0 = time.time()
     for step in range(1, args.steps + 1):

@@ -375,6 +375,9 @@ def test_cli_train_vlm(parts, tmp_path, monkeypatch):
     assert len((out / "chats.jsonl").read_text().splitlines()) == 3
     missing = CliRunner().invoke(app, ["train", "vlm", "--data", str(tmp_path), "--out", str(out)])
     assert missing.exit_code == 2 and "captions.jsonl" in missing.output
+    no_lookup = CliRunner().invoke(app, ["train", "vlm", "--data", str(parts / "colours"), "--out", str(out),
+                                         "--config", str(tmp_path / "recipe.json"), "--lookup-steps", "5"])
+    assert no_lookup.exit_code == 2 and "no lookup stage" in no_lookup.output, no_lookup.output
 
 
 def test_features_are_computed_once(parts, tmp_path, monkeypatch):
@@ -524,3 +527,92 @@ def test_qa_text_makes_stage_1_texts_the_scenes_own_questions_and_answers(parts)
     assert all(t in own_qa(i) for t, i in zip(texts(asked), rows, strict=True))
     assert not any(t in own_qa(i) for t, i in zip(texts(plain), rows, strict=True))  # off by default: captions
     assert asked["seed"].item() == plain["seed"].item()
+
+
+def lookup_recipe(root: Path, **changes) -> VLMRecipe:
+    return recipe(root, **{"instruction": True, "instruction_in_queries": True, "lookup_weight": 0.5,
+                           "stage1": StageConfig(steps=4, batch_size=16, lr=2e-3, warmup=1),
+                           "lookup": StageConfig(steps=200, batch_size=32, lr=3e-3, warmup=5),
+                           "stage2": StageConfig(steps=4, batch_size=8, lr=1e-3, warmup=1), **changes})
+
+
+def test_lookup_stage_points_the_visual_prompt_at_the_answer(parts, tmp_path):
+    """The lookup stage (train/vlm_lookup.py): the visual prompt learns to point at each scene question's
+    answer token, the question types drawn evenly; the pointing loss stays on in stage 2; a recipe without
+    instruction-aware queries is refused."""
+    from polymodal.train.vlm_lookup import Pointer, point_scores
+
+    with pytest.raises(ValueError, match="needs \"instruction\": true"):
+        VLMRecipe.from_dict({"lookup": {"steps": 10}})
+    assert VLMRecipe.from_dict({"instruction": True, "lookup": {"steps": 10}}).lookup == StageConfig(steps=10)
+    out = train_vlm(lookup_recipe(parts), parts / "scenes", tmp_path / "vlm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lookup_loss"] for r in rows if r["stage"] == "lookup"]
+    assert len(losses) == 200 and sum(losses[-10:]) < 0.5 * sum(losses[:10]), (losses[:10], losses[-10:])
+    assert all("lookup_loss" in r and "lm_loss" in r for r in rows if r["stage"] == "stage2")
+
+    model, tok, template, _ = load_vlm_checkpoint(out)
+    examples = load_examples(parts / "scenes")
+    pointer = Pointer(examples, ChatFormat(tok, template, IM_END), model.cfg.qformer.context_length)
+    kind_of = {tuple(pointer.batch([item], torch.zeros(len(examples), 1))["instruction"][0].tolist()): item[1]
+               for item in pointer.items}
+    batch = next(pointer.batches(torch.zeros(len(examples), 1), 600, seed=0))
+    drawn = Counter(kind_of[tuple(ids[mask.bool()].tolist())]
+                    for ids, mask in zip(batch["instruction"], batch["instruction_mask"], strict=True))
+    kinds = sorted(pointer.by_kind)
+    assert set(drawn) == set(kinds) and min(drawn.values()) > 0.6 * 600 / len(kinds)  # evenly, not by frequency
+
+    # the trained model points at the right answer among its type's answers, far above chance
+    features = _features(model, examples)
+    of_type = {k: sorted({pointer.index[pointer.items[n][3]] for n in ns}) for k, ns in pointer.by_kind.items()}
+    right = chance = variance = 0.0
+    with torch.no_grad():
+        for start in range(0, len(pointer.items), 64):
+            rows = pointer.items[start:start + 64]
+            batch = pointer.batch(rows, features)
+            prompt = model.visual_prompt(None, features=batch["features"], instruction=batch["instruction"],
+                                         instruction_mask=batch["instruction_mask"])
+            scores = point_scores(prompt, model.lm.token_embed.weight[pointer.answers])
+            for r, (_, kind, _, token) in enumerate(rows):
+                right += of_type[kind][int(scores[r, of_type[kind]].argmax())] == pointer.index[token]
+                chance += 1 / len(of_type[kind])
+                variance += (1 / len(of_type[kind])) * (1 - 1 / len(of_type[kind]))
+    assert right > chance + 4 * variance ** 0.5, (right, chance, len(pointer.items))  # 4 standard deviations
+
+
+def _features(model, examples):
+    from polymodal.train.vlm import vision_features
+
+    return vision_features(model.visual, [e["image"] for e in examples], model.cfg.image_transform)[0]
+
+
+def test_a_run_killed_in_the_lookup_stage_resumes_to_the_same_weights(parts, tmp_path):
+    r = lookup_recipe(parts, save_every=2, lookup=StageConfig(steps=6, batch_size=16, lr=3e-3, warmup=1))
+    whole = train_vlm(r, parts / "scenes", tmp_path / "whole")
+    assert (whole / "lookup.safetensors").is_file()
+
+    class Killed(Exception):
+        pass
+
+    steps = []
+
+    def kill_at(at):
+        def on_step(stage, step, row):
+            steps.append((stage, step))
+            if (stage, step) == at:
+                raise Killed
+        return on_step
+
+    with pytest.raises(Killed):
+        train_vlm(r, parts / "scenes", tmp_path / "killed", on_step=kill_at(("lookup", 5)))
+    steps.clear()
+    again = train_vlm(r, parts / "scenes", tmp_path / "killed", on_step=kill_at(None))
+    assert [s for s in steps if s[0] == "lookup"] == [("lookup", 5), ("lookup", 6)]  # from the state at step 4
+    a, b = read_state_dict(whole / "model.safetensors"), read_state_dict(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps.clear()
+    (tmp_path / "killed" / "model.safetensors").unlink()
+    for state in (tmp_path / "killed").glob("stage2-state*"):
+        state.unlink()
+    train_vlm(r, parts / "scenes", tmp_path / "killed", on_step=kill_at(None))  # a rerun reuses the finished lookup
+    assert steps and not any(s[0] == "lookup" for s in steps)

@@ -1,4 +1,5 @@
-"""`polymodal train vlm`: BLIP-2's two stages into a frozen LLM (train/vlm.py), from a recipe."""
+"""`polymodal train vlm`: BLIP-2's two stages into a frozen LLM (train/vlm.py), and the recipe's lookup stage
+between them if it has one, from a recipe."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def train_vlm_cmd(
     config: str = typer.Option("default-vlm", "--config", "-c", help="A recipe .json or a shipped recipe name."),
     stage1_steps: int = typer.Option(None, "--stage1-steps", help="Override the recipe's stage-1 steps."),
     stage2_steps: int = typer.Option(None, "--stage2-steps", help="Override the recipe's stage-2 steps."),
+    lookup_steps: int = typer.Option(None, "--lookup-steps", help="Override the steps of the recipe's lookup "
+                                     "stage (between stages 1 and 2; the recipe must have one)."),
     json_: bool = JSON,
 ) -> None:
     """Train a BLIP-2 bridge (Q-Former + projection) between a frozen ViT and a frozen chat LLM."""
@@ -32,6 +35,10 @@ def train_vlm_cmd(
         recipe = replace(recipe, stage1=replace(recipe.stage1, steps=stage1_steps))
     if stage2_steps is not None:
         recipe = replace(recipe, stage2=replace(recipe.stage2, steps=stage2_steps))
+    if lookup_steps is not None:
+        if recipe.lookup is None:
+            raise ValueError(f"{config}: the recipe has no lookup stage (\"lookup\") whose steps --lookup-steps could set")
+        recipe = replace(recipe, lookup=replace(recipe.lookup, steps=lookup_steps))
     if not (data / "captions.jsonl").is_file():
         raise FileNotFoundError(f"{data}: no captions.jsonl (build one with `polymodal data ...`)")
 

@@ -87,6 +87,10 @@ class VLMRecipe:
     instruction_in_queries: bool = False  # and start from it (Blip2Config.instruction_in_queries)
     stage2_init: str | None = None  # a safetensors file of trained stage-2 parts (Q-Former, instruction_proj,
     # language_projection: `bench/qformer_lookup.py --save`) loaded over what stage 1 hands on, before stage 2
+    lookup: StageConfig | None = None  # the lookup stage between stages 1 and 2 (train/vlm_lookup.py): the
+    # instruction-aware Q-Former learns to point its visual prompt at the answer of a scene question, no LLM pass
+    lookup_weight: float = 0.0  # that pointing loss kept in stage 2 too, on its own batch of scene questions,
+    # at this weight beside the LLM's loss
     tiles: int = 0  # the ViT also reads a tiles x tiles grid of enlarged crops (Blip2Config.tiles; 0: none)
     tile_pool: int = 1  # their patch tokens averaged in blocks of this side (Blip2Config.tile_pool)
     save_every: int = 100  # each stage keeps its state every this many steps (stage1-state.*, stage2-state.*),
@@ -96,14 +100,18 @@ class VLMRecipe:
     @classmethod
     def from_dict(cls, data: dict) -> VLMRecipe:
         data = dict(data)
-        for stage in ("stage1", "stage2"):
-            if stage in data:
+        for stage in ("stage1", "stage2", "lookup"):
+            if data.get(stage) is not None:
                 data[stage] = StageConfig(**data[stage])
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown VLM recipe keys: {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        recipe = cls(**data)
+        if (recipe.lookup is not None or recipe.lookup_weight > 0) and not recipe.instruction:
+            raise ValueError("the lookup stage (\"lookup\", \"lookup_weight\") needs \"instruction\": true: "
+                             "the queries must read the question")
+        return recipe
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -316,6 +324,28 @@ def _checkpoints(out: Path, model, stage: str, metrics: Path, every: int, steps:
     return resume, save
 
 
+def _lookup_stage(recipe: VLMRecipe, stage2: Blip2, pointer, features: Tensor, out: Path, metrics: Path,
+                  log: Callable[[int, dict], None]) -> None:
+    """Train the lookup stage (train/vlm_lookup.py) in place, or load it from `out`/lookup.safetensors
+    when a rerun finds it done; its state is kept every `save_every` steps, so a kill resumes."""
+    from safetensors.torch import save_file
+
+    from polymodal.train.blip2 import train_blip2
+
+    done = out / "lookup.safetensors"
+    if done.is_file():
+        load_stage2_init(stage2, done)
+        _log(metrics, {"stage": "lookup", "reused": str(done)})
+        return
+    resume, save = _checkpoints(out, stage2, "lookup", metrics, recipe.save_every, recipe.lookup.steps)
+    train_blip2(stage2, pointer.batches(features, recipe.lookup.batch_size, recipe.seed + 2),
+                _train_config(recipe.lookup), on_step=log, terms=lambda m, b: {"lookup_loss": pointer.loss(m, b)},
+                resume=resume, save=save)
+    trained = {k: v.contiguous() for k, v in stage2.state_dict().items() if not k.startswith(FROZEN)}
+    save_file(trained, str(done.with_suffix(".tmp")))
+    done.with_suffix(".tmp").replace(done)
+
+
 def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
               on_step: Callable[[str, int, dict], None] | None = None,
               on_features: Callable[[int, int], None] | None = None,
@@ -381,6 +411,13 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
         before, after = match_prompt_scale(stage2, features[:256])
         _log(metrics, {"stage": "scale", "prompt_norm": round(before, 3), "matched": round(after, 3)})
     fmt = ChatFormat(lm_tokenizer, template, stage2.cfg.lm.eos_ids[0])
+    pointer = None
+    if recipe.lookup is not None or recipe.lookup_weight > 0:
+        from polymodal.train.vlm_lookup import Pointer
+
+        pointer = Pointer(examples, fmt, stage2.cfg.qformer.context_length)
+    if recipe.lookup is not None:
+        _lookup_stage(recipe, stage2, pointer, features, out, metrics, logger("lookup"))
     chats = []
     if recipe.chats and recipe.chat_weight > 0:
         t0 = time.time()
@@ -390,8 +427,18 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     stream = stage2_batches(examples, features, fmt, batch_size=recipe.stage2.batch_size, weights=recipe.weights,
                             seed=recipe.seed + 1, chats=chats, chat_weight=recipe.chat_weight,
                             instructions=stage2.cfg.qformer.context_length if recipe.instruction else 0)
-    terms = lambda m, b: {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"],  # noqa: E731
-                                               b.get("instruction"), b.get("instruction_mask"))}
+    if pointer is not None and recipe.lookup_weight > 0:
+        side = pointer.batches(features, recipe.stage2.batch_size, recipe.seed + 3)
+        stream = ({**b, **{f"lookup_{k}": v for k, v in p.items()}} for b, p in zip(stream, side, strict=False))
+
+    def terms(m, b):
+        named = {"lm_loss": chat_loss(m, fmt.before, b["features"], b["input_ids"], b["targets"],
+                                      b.get("instruction"), b.get("instruction_mask"))}
+        if "lookup_answer" in b:
+            side = {k.removeprefix("lookup_"): v for k, v in b.items() if k.startswith("lookup_")}
+            named["lookup_loss"] = recipe.lookup_weight * pointer.loss(m, side)
+        return named
+
     resume, save = _checkpoints(out, stage2, "stage2", metrics, recipe.save_every, recipe.stage2.steps)
     train_blip2(stage2, stream, _train_config(recipe.stage2), on_step=logger("stage2"), terms=terms,
                 resume=resume, save=save)
