@@ -324,28 +324,6 @@ def _checkpoints(out: Path, model, stage: str, metrics: Path, every: int, steps:
     return resume, save
 
 
-def _lookup_stage(recipe: VLMRecipe, stage2: Blip2, pointer, features: Tensor, out: Path, metrics: Path,
-                  log: Callable[[int, dict], None]) -> None:
-    """Train the lookup stage (train/vlm_lookup.py) in place, or load it from `out`/lookup.safetensors
-    when a rerun finds it done; its state is kept every `save_every` steps, so a kill resumes."""
-    from safetensors.torch import save_file
-
-    from polymodal.train.blip2 import train_blip2
-
-    done = out / "lookup.safetensors"
-    if done.is_file():
-        load_stage2_init(stage2, done)
-        _log(metrics, {"stage": "lookup", "reused": str(done)})
-        return
-    resume, save = _checkpoints(out, stage2, "lookup", metrics, recipe.save_every, recipe.lookup.steps)
-    train_blip2(stage2, pointer.batches(features, recipe.lookup.batch_size, recipe.seed + 2),
-                _train_config(recipe.lookup), on_step=log, terms=lambda m, b: {"lookup_loss": pointer.loss(m, b)},
-                resume=resume, save=save)
-    trained = {k: v.contiguous() for k, v in stage2.state_dict().items() if not k.startswith(FROZEN)}
-    save_file(trained, str(done.with_suffix(".tmp")))
-    done.with_suffix(".tmp").replace(done)
-
-
 def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
               on_step: Callable[[str, int, dict], None] | None = None,
               on_features: Callable[[int, int], None] | None = None,
@@ -413,11 +391,11 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     fmt = ChatFormat(lm_tokenizer, template, stage2.cfg.lm.eos_ids[0])
     pointer = None
     if recipe.lookup is not None or recipe.lookup_weight > 0:
-        from polymodal.train.vlm_lookup import Pointer
+        from polymodal.train.vlm_lookup import Pointer, lookup_stage
 
         pointer = Pointer(examples, fmt, stage2.cfg.qformer.context_length)
     if recipe.lookup is not None:
-        _lookup_stage(recipe, stage2, pointer, features, out, metrics, logger("lookup"))
+        lookup_stage(recipe, stage2, pointer, features, out, metrics, logger("lookup"))
     chats = []
     if recipe.chats and recipe.chat_weight > 0:
         t0 = time.time()

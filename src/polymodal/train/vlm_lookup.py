@@ -17,7 +17,8 @@ lookup stage".)
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,4 +89,27 @@ class Pointer:
         return F.cross_entropy(point_scores(prompt, model.lm.token_embed.weight[self.answers]), batch["answer"])
 
 
-__all__ = ["Pointer", "point_scores", "scene_questions", "SCALE"]
+def lookup_stage(recipe, stage2, pointer: Pointer, features: Tensor, out: Path, metrics: Path,
+                 log: Callable[[int, dict], None]) -> None:
+    """Train the lookup stage in place (between stages 1 and 2), or load it from `out`/lookup.safetensors
+    when a rerun finds it done; its state is kept every `save_every` steps, so a kill resumes."""
+    from safetensors.torch import save_file
+
+    from polymodal.train.blip2 import train_blip2
+    from polymodal.train.vlm import FROZEN, _checkpoints, _log, _train_config, load_stage2_init
+
+    done = out / "lookup.safetensors"
+    if done.is_file():
+        load_stage2_init(stage2, done)
+        _log(metrics, {"stage": "lookup", "reused": str(done)})
+        return
+    resume, save = _checkpoints(out, stage2, "lookup", metrics, recipe.save_every, recipe.lookup.steps)
+    train_blip2(stage2, pointer.batches(features, recipe.lookup.batch_size, recipe.seed + 2),
+                _train_config(recipe.lookup), on_step=log, terms=lambda m, b: {"lookup_loss": pointer.loss(m, b)},
+                resume=resume, save=save)
+    trained = {k: v.contiguous() for k, v in stage2.state_dict().items() if not k.startswith(FROZEN)}
+    save_file(trained, str(done.with_suffix(".tmp")))
+    done.with_suffix(".tmp").replace(done)
+
+
+__all__ = ["Pointer", "lookup_stage", "point_scores", "scene_questions", "SCALE"]
