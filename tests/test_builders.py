@@ -225,6 +225,34 @@ def test_emoji_subset(tmp_path):
     _rerun_is_noop(build_emoji, out, styles=styles, limit=40)
 
 
+def test_emoji_iconify_styles_share_keys_splits_and_words(tmp_path):
+    from polymodal.data.emoji import build_emoji
+
+    out = tmp_path / "emoji"
+    styles = ("google", "fluent", "emojione", "notov1")
+    summary = _fetching(build_emoji, out, styles=styles, limit=60)
+    assert set(summary["style"]) == set(styles) and not summary["skipped"]
+    records = read_jsonl(out / CAPTIONS)
+    _check_captions(records)
+    words: dict[tuple[str, str], list[str]] = {}
+    split_of_emoji: dict[str, set[str]] = defaultdict(set)
+    for image, lines in _by_image(records).items():
+        r = lines[0]
+        words[r["style"], r["emoji"]] = sorted(line["text"] for line in lines)
+        split_of_emoji[r["emoji"]].add(r["split"])
+        picture = np.asarray(load_image(out / image), dtype=np.float32)
+        assert picture.shape == (64, 64, 3) and picture.std() > 10  # drawn, not a blank square
+    assert all(len(s) == 1 for s in split_of_emoji.values())  # held out in every style alike
+    shared = [(s, k) for s, k in words if s != "google" and ("google", k) in words]
+    assert len(shared) >= 60  # the Iconify sets find most emoji by their names
+    for style, key in shared:  # and word them as emoji-datasource does
+        assert words[style, key] == words["google", key], (style, key)
+    readme = (out / "README.md").read_text()
+    for licence in ("MIT", "CC-BY-4.0", "Apache-2.0", "1.2.6", "1.2.3", "1.2.5"):
+        assert licence.lower() in readme.lower()
+    _rerun_is_noop(build_emoji, out, styles=styles, limit=60)
+
+
 # --- clip art -------------------------------------------------------------------------------------
 
 

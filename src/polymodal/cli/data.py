@@ -28,7 +28,8 @@ def _report(summary: dict, out: Path, json_: bool) -> None:
 def emoji(
     out: Path = OUT,
     style: list[str] = typer.Option(["google", "twitter", "openmoji"], "--style",
-                                    help="google, twitter, openmoji, apple (apple: evaluation only); repeatable."),
+                                    help="google, twitter, openmoji, apple (evaluation only), and from Iconify: fluent, fluentcolor, "
+                                         "emojione, emojionev1, notov1, fxemoji, streamline; repeatable."),
     size: int = typer.Option(64, "--size", min=8, help="Image side in pixels."),
     cache: Path = CACHE,
     limit: int = LIMIT,

@@ -10,6 +10,15 @@ integrity hash):
   evaluation only: all its pictures go to the test split (they are not in the default styles).
 - openmoji: `data/openmoji.json` and `color/svg/<HEXCODE>.svg`, CC-BY-SA-4.0, rasterised
   with cairosvg.
+- Iconify's packaged emoji sets (`@iconify-json/*`: `icons.json`, SVG bodies by name),
+  rasterised with cairosvg: "fluent" (Microsoft Fluent Emoji, flat) and "fluentcolor" (its
+  shaded colour style), both MIT; "emojione" (EmojiOne 2, CC-BY-4.0) and "emojionev1" (EmojiOne
+  1, CC-BY-SA-4.0); "notov1" (the first Noto "blob" emoji) and "fxemoji" (Firefox OS), both
+  Apache-2.0; "streamline" (Streamline Emojis, CC-BY-4.0). Fluent's `chars.json` gives each
+  name its code points; the other sets use the same CLDR names, or them with the hyphens
+  dropped ("admissiontickets") or a variant number added ("baby-2"), and are keyed through
+  Fluent's map (a name it lacks is left out). Their captions are the emoji-datasource record's
+  for the same code points, so every style of an emoji carries the same words.
 
 Pictures are composited onto white at build time (RGB PNG), so every reader sees the same
 pixels. Skin-tone variants and the "component" category (bare skin-tone and hair swatches)
@@ -52,7 +61,8 @@ from polymodal.data.common import (
     write_readme,
 )
 
-STYLES = ("google", "twitter", "openmoji", "apple")
+ICONIFY = ("fluent", "fluentcolor", "emojione", "emojionev1", "notov1", "fxemoji", "streamline")
+STYLES = ("google", "twitter", "openmoji", "apple", *ICONIFY)
 EVAL_ONLY = ("apple",)
 
 # style -> (npm package, pinned version, npm integrity of its tarball)
@@ -65,6 +75,20 @@ PACKAGES = {
               "sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw=="),
     "openmoji": ("openmoji", "17.0.0",
                  "sha512-EBnYrNGdcdw+OSXmENeNE1yBNRu6tOraTmoOyUbJkTmvT/+XETp8RZLSJFzD3lrPc5N9CzsyPnRTk0Vp4UaI9w=="),
+    "fluent": ("@iconify-json/fluent-emoji-flat", "1.2.6",
+               "sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs/7yNGWqQYvuaSYM1M4fRXlUw=="),
+    "emojione": ("@iconify-json/emojione", "1.2.3",
+                 "sha512-T9+T3HIbJNLKKsmxYKlaYhvnHYkz/HNYTV7SHCXVZPfeUi4FqskY70YeN8yYAZT8cCv7w5vJxS4Q1m8zb9CMMg=="),
+    "notov1": ("@iconify-json/noto-v1", "1.2.5",
+               "sha512-/DsVMius69Q0fRS53z7QK1TROSuar606jiIx+laXtdsYGMXpf6LtHBx6CGfoo3UHHb/XpBsw+1L1x3eyPqMuVA=="),
+    "fluentcolor": ("@iconify-json/fluent-emoji", "1.2.7",
+                    "sha512-D8G6bKAyIsyxP1rzZtIWr/gg/fO4Rg1+DyCWlfqKK4h8W+4Em/Y0P6QYgJUQTlUcagzJvSyg+9OBv4hz4Hc/QA=="),
+    "emojionev1": ("@iconify-json/emojione-v1", "1.2.3",
+                   "sha512-UjI2VQEXVtGlPBvQuxEizro7QCgBcJDOYwKUupquvvZ8UV4xOlvm45IU82JYWegiAWLerY79gFLMZ26U6Ms+ww=="),
+    "fxemoji": ("@iconify-json/fxemoji", "1.2.2",
+                "sha512-UAasRaxzFUKfIGSmLwnoarsssA4LX0VLLuEmplIqM6ZNQqIQRtav8tZ4H1neTlBreXuMQyAifr5jP4kn78DpiQ=="),
+    "streamline": ("@iconify-json/streamline-emojis", "1.2.4",
+                   "sha512-iNr9T9XuZVTyQPJO8ZlLxBzPkpi7qMl+z1l0C31vpEMqhPMelth3n7CeWQYtixdetDPdI81yeG4ROqjWpYJE6A=="),
 }
 
 LICENCES = {
@@ -77,6 +101,20 @@ LICENCES = {
     "openmoji": ("CC-BY-SA-4.0 (OpenMoji, HfG Schwaebisch Gmuend; the pictures and data/openmoji.json, "
                  "whose tags feed this style's captions); attribution required, derivatives share alike",
                  "https://openmoji.org"),
+    "fluent": ("MIT (Fluent Emoji, (c) Microsoft Corporation), through Iconify's packaging",
+               "https://github.com/microsoft/fluentui-emoji"),
+    "emojione": ("CC-BY-4.0 (EmojiOne 2, (c) Ranks.com / JoyPixels), through Iconify's packaging; attribution "
+                 "required", "https://github.com/joypixels/emojione-legacy"),
+    "notov1": ("Apache-2.0 (Noto Emoji, the first 'blob' version, (c) Google), through Iconify's packaging",
+               "https://github.com/googlefonts/noto-emoji"),
+    "fluentcolor": ("MIT (Fluent Emoji, colour style, (c) Microsoft Corporation), through Iconify's packaging",
+                    "https://github.com/microsoft/fluentui-emoji"),
+    "emojionev1": ("CC-BY-SA-4.0 (EmojiOne 1, (c) Ranks.com / JoyPixels), through Iconify's packaging; "
+                   "attribution required, derivatives share alike", "https://github.com/joypixels/emojione-legacy"),
+    "fxemoji": ("Apache-2.0 (FxEmoji, (c) Mozilla Foundation), through Iconify's packaging",
+                "https://github.com/mozilla/fxemoji"),
+    "streamline": ("CC-BY-4.0 (Streamline Emojis, (c) Streamline / webalys), through Iconify's packaging; "
+                   "attribution required", "https://www.streamlinehq.com/emojis"),
 }
 
 # The nine Unicode emoji groups, as openmoji spells them, in words for captions; "extras"
@@ -122,11 +160,11 @@ def fetch_package(style: str, cache: Path) -> Path:
     """The unpacked package of `style` in the cache (fetched with `npm pack` the first time)."""
     package, version, integrity = PACKAGES[style]
     root = cache / "npm"
-    folder = root / f"{package}-{version}"
+    folder = root / f"{package.replace('/', '+')}-{version}"
     if (folder / ".complete").exists():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    tarball = root / f"{package}-{version}.tgz"
+    tarball = root / f"{folder.name}.tgz"
     if not tarball.exists():
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             run_tool(["npm", "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
@@ -141,9 +179,11 @@ def fetch_package(style: str, cache: Path) -> Path:
                           "removed it, run again to fetch it afresh")
     if style == "openmoji":
         wanted = ("data/openmoji.json", "LICENSE.txt", "package.json", "color/svg/")
+    elif style in ICONIFY:
+        wanted = ("icons.json", "chars.json", "info.json", "package.json")
     else:
         wanted = ("emoji.json", "LICENSE", "package.json", f"img/{style}/64/")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{package}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}-"))
     try:
         with tarfile.open(tarball) as tar:
             members = []
@@ -188,11 +228,12 @@ def captions_for(name: str, category: str, subcategory: str, keywords: list[str]
     ])
 
 
-def _datasource_entries(folder: Path, style: str) -> list[dict]:
+def _datasource_entries(folder: Path, style: str | None) -> list[dict]:
+    """emoji-datasource's records with `style`'s pictures; every record (no picture) for None."""
     entries = []
     for e in json.loads((folder / "emoji.json").read_text(encoding="utf-8")):
         category = _category(e["category"])
-        if category == "component" or not e.get(f"has_img_{style}"):
+        if category == "component" or (style and not e.get(f"has_img_{style}")):
             continue
         name = " ".join(e["name"].lower().split())
         # short names, less country codes ("fr", "flag-fr") that say nothing in words
@@ -201,9 +242,39 @@ def _datasource_entries(folder: Path, style: str) -> list[dict]:
         entries.append({
             "key": emoji_key(e["unified"]), "name": name, "category": category,
             "subcategory": e["subcategory"], "keywords": short,
-            "file": folder / "img" / style / "64" / e["image"],
+            "file": folder / "img" / style / "64" / e["image"] if style else None,
         })
     return entries
+
+
+SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
+
+
+def _iconify_entries(folder: Path, records: dict[str, dict], keys_by_name: dict[str, str]) -> list[dict]:
+    """An Iconify emoji set's pictures, keyed by code points through `keys_by_name` and worded by
+    the emoji-datasource `records` of the same key (a picture with neither is left out)."""
+    data = json.loads((folder / "icons.json").read_text(encoding="utf-8"))
+    entries = []
+    for name, icon in data["icons"].items():
+        key = (keys_by_name.get(name) or keys_by_name.get(re.sub(r"-\d+$", "", name))
+               or keys_by_name.get(f"~{name}"))
+        if key is None or key not in records or SKIN_TONES & set(key.split("-")):
+            continue
+        left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
+        width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+               f'viewBox="{left} {top} {width} {height}">{icon["body"]}</svg>')
+        entries.append({**records[key], "file": folder / f"icons.json:{name}", "svg": svg.encode()})
+    return entries
+
+
+def _fluent_keys(folder: Path) -> dict[str, str]:
+    """Fluent's CLDR-style names ('grinning-face') -> emoji keys, from its chars.json; '~' + a name
+    without its hyphens ('~grinningface') finds the same key for sets that squash names."""
+    chars = json.loads((folder / "chars.json").read_text(encoding="utf-8"))
+    keys = {name: emoji_key(codepoints) for codepoints, name in sorted(chars.items())}
+    keys.update({f"~{name.replace('-', '')}": key for name, key in keys.items()})  # "admissiontickets"
+    return keys
 
 
 def _openmoji_entries(folder: Path) -> list[dict]:
@@ -228,13 +299,13 @@ def _openmoji_entries(folder: Path) -> list[dict]:
 
 def _render(entry: dict, size: int) -> Image.Image:
     path = entry["file"]
-    if path.suffix == ".svg":
+    if path.suffix == ".svg" or "svg" in entry:
         try:
             import cairosvg
         except (ImportError, OSError) as e:
-            raise SourceError("style 'openmoji' needs cairosvg and the cairo library: "
-                              f"pip install cairosvg; apt-get install libcairo2 ({e})") from None
-        svg = path.read_bytes()
+            raise SourceError("styles drawn in SVG (openmoji, fluent, emojione, notov1) need cairosvg and "
+                              f"the cairo library: pip install cairosvg; apt-get install libcairo2 ({e})") from None
+        svg = entry["svg"] if "svg" in entry else path.read_bytes()
         try:
             png = cairosvg.svg2png(bytestring=svg, output_width=size, output_height=size)
         except AttributeError:  # cairosvg trips on a marker that points nowhere (1 openmoji file)
@@ -267,9 +338,17 @@ def build_emoji(out, *, styles=("google", "twitter", "openmoji"), cache=None, si
         raise ValueError(f"unknown emoji style(s) {unknown}; known: {', '.join(STYLES)}")
     out, cache = Path(out), cache_dir(cache)
     per_style = {}
+    if set(styles) & set(ICONIFY):  # their words come from emoji-datasource, their keys through Fluent's names
+        records = {e["key"]: e for e in reversed(_datasource_entries(fetch_package("google", cache), None))}
+        keys_by_name = _fluent_keys(fetch_package("fluent", cache))
     for style in styles:
         folder = fetch_package(style, cache)
-        entries = _openmoji_entries(folder) if style == "openmoji" else _datasource_entries(folder, style)
+        if style in ICONIFY:
+            entries = _iconify_entries(folder, records, keys_by_name)
+        elif style == "openmoji":
+            entries = _openmoji_entries(folder)
+        else:
+            entries = _datasource_entries(folder, style)
         unique = {}
         for entry in entries:
             unique.setdefault(entry["key"], entry)  # the first of a key that repeats in one package
@@ -301,7 +380,7 @@ def build_emoji(out, *, styles=("google", "twitter", "openmoji"), cache=None, si
     for entry, path in track(jobs, f"emoji: drawing {len(jobs)} pictures", progress):
         try:
             save_png(_render(entry, size), path)
-        except (OSError, ValueError, AttributeError, SyntaxError) as e:  # a bad file: report, go on
+        except (OSError, ValueError, AttributeError, SyntaxError, MemoryError) as e:  # a bad file: report, go on
             skipped.append(f"{entry['file']}: {' '.join(str(e).split()) or type(e).__name__}")
     if skipped:
         gone = {p.relative_to(out).as_posix() for _, p in jobs if not p.exists()}
