@@ -229,19 +229,22 @@ def test_emoji_iconify_styles_share_keys_splits_and_words(tmp_path):
     from polymodal.data.emoji import build_emoji
 
     out = tmp_path / "emoji"
-    styles = ("google", "fluent", "emojione", "notov1")
+    styles = ("google", "fluent", "emojione", "notov1", "fxemoji", "streamline")  # names as given, squashed, numbered
     summary = _fetching(build_emoji, out, styles=styles, limit=60)
     assert set(summary["style"]) == set(styles) and not summary["skipped"]
     records = read_jsonl(out / CAPTIONS)
     _check_captions(records)
     words: dict[tuple[str, str], list[str]] = {}
     split_of_emoji: dict[str, set[str]] = defaultdict(set)
+    spread = []
     for image, lines in _by_image(records).items():
         r = lines[0]
         words[r["style"], r["emoji"]] = sorted(line["text"] for line in lines)
         split_of_emoji[r["emoji"]].add(r["split"])
         picture = np.asarray(load_image(out / image), dtype=np.float32)
-        assert picture.shape == (64, 64, 3) and picture.std() > 10  # drawn, not a blank square
+        assert picture.shape == (64, 64, 3) and picture.std() > 1, image  # drawn, not a blank square
+        spread.append(picture.std())
+    assert np.median(spread) > 30  # (a few emoji are nearly white: "white large square", "fog")
     assert all(len(s) == 1 for s in split_of_emoji.values())  # held out in every style alike
     shared = [(s, k) for s, k in words if s != "google" and ("google", k) in words]
     assert len(shared) >= 60  # the Iconify sets find most emoji by their names
