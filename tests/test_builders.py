@@ -256,6 +256,43 @@ def test_emoji_iconify_styles_share_keys_splits_and_words(tmp_path):
     _rerun_is_noop(build_emoji, out, styles=styles, limit=60)
 
 
+# --- icons ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, subject", [
+    ("food-apple-outline", "food apple"), ("bicycle", "bicycle"), ("car-off", None), ("car-search", None),
+    ("rabbit-variant", "rabbit"), ("numeric-1", None),
+])
+def test_icon_subjects(name, subject):
+    from polymodal.data.icons import subject_of
+
+    assert subject_of(name) == subject
+
+
+def test_icons_subset_holds_out_what_emoji_and_clipart_hold_out(tmp_path):
+    from polymodal.data.clipart import SPLIT_SALT
+    from polymodal.data.common import cache_dir, split_of
+    from polymodal.data.icons import _held_out_names, build_icons, split_for
+
+    out = tmp_path / "icons"
+    summary = _fetching(build_icons, out, limit=80)
+    assert summary["images"] == 80 and not summary["skipped"] and len(summary["category"]) >= 10
+    records = read_jsonl(out / CAPTIONS)
+    _check_captions(records)
+    held = _held_out_names(cache_dir(None))
+    assert len(held) > 100 and all(split_for(name, held) == "test" for name in sorted(held)[:50])
+    for image, lines in _by_image(records).items():
+        r = lines[0]
+        assert {line["split"] for line in lines} == {r["split"]} and len(lines) >= 3
+        if r["name"] in held or split_of(r["name"], salt=SPLIT_SALT) == "test":
+            assert r["split"] == "test", r["name"]
+        picture = np.asarray(load_image(out / image), dtype=np.float32)
+        assert picture.shape == (64, 64, 3) and picture.min() < 60 < 200 < picture.max()  # black on white
+    assert {"train", "test"} == {r["split"] for r in records}
+    assert "apache-2.0" in (out / "README.md").read_text().lower()
+    _rerun_is_noop(build_icons, out, limit=80)
+
+
 # --- clip art -------------------------------------------------------------------------------------
 
 

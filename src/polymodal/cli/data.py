@@ -1,4 +1,4 @@
-"""Commands that build real image-caption data sets: emoji, clipart, scenes, clips; and show."""
+"""Commands that build real image-caption data sets: emoji, icons, clipart, scenes, clips; and show."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def emoji(
 
     _report(build_emoji(out, styles=tuple(style), cache=cache, size=size, progress=_progress(), limit=limit),
             out, json_)
+
+
+@command(name="icons", group=data_app)
+def icons(
+    out: Path = OUT,
+    size: int = typer.Option(64, "--size", min=8, help="Image side in pixels."),
+    cache: Path = CACHE,
+    limit: int = LIMIT,
+    json_: bool = JSON,
+) -> None:
+    """Material Design Icons of things (Apache-2.0, from npm), black on white, captioned by name and category."""
+    from polymodal.data.icons import build_icons
+
+    _report(build_icons(out, cache=cache, size=size, progress=_progress(), limit=limit), out, json_)
 
 
 @command(name="clipart", group=data_app)

@@ -16,12 +16,14 @@ atomically at the end.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,6 +39,7 @@ OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ETIMEDOUT", "ECONNREFUSED", "ECONNRESET", 
            "Temporary failure resolving", "Could not resolve", "Failed to fetch", "Unable to connect",
            "Network is unreachable", "network request")
 TEST_FRACTION = 0.1
+ICONIFY_FILES = ("icons.json", "chars.json", "info.json", "package.json")  # of an @iconify-json/* package
 
 
 class SourceError(RuntimeError):
@@ -182,6 +185,45 @@ def run_tool(args: Sequence[str], *, cwd: Path, what: str) -> subprocess.Complet
         error = SourceUnavailable if any(m in tail for m in OFFLINE) else SourceError
         raise error(f"{what}: `{' '.join(args)}` failed (exit {done.returncode}): {tail}")
     return done
+
+
+def fetch_npm(package: str, version: str, integrity: str, cache: Path, wanted: Sequence[str]) -> Path:
+    """The files of an npm package whose paths start with one of `wanted`, unpacked into the
+    cache (fetched with `npm pack` the first time and checked against its pinned integrity)."""
+    root = cache / "npm"
+    folder = root / f"{package.replace('/', '+')}-{version}"
+    if (folder / ".complete").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tarball = root / f"{folder.name}.tgz"
+    if not tarball.exists():
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            run_tool(["npm", "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
+                     cwd=Path(tmp), what=f"fetching {package}@{version} from the npm registry")
+            got = list(Path(tmp).glob("*.tgz"))
+            if len(got) != 1:
+                raise SourceError(f"npm pack {package}@{version} left {len(got)} tarballs, expected one")
+            got[0].replace(tarball)
+    if "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode() != integrity:
+        tarball.unlink()
+        raise SourceError(f"{tarball.name}: integrity does not match the pinned {integrity[:20]}...; "
+                          "removed it, run again to fetch it afresh")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}-"))
+    try:
+        with tarfile.open(tarball) as tar:
+            members = []
+            for m in tar.getmembers():
+                name = m.name.split("/", 1)[-1]  # every member sits under "package/"
+                if m.isfile() and name.startswith(tuple(wanted)):
+                    m.name = name
+                    members.append(m)
+            tar.extractall(tmp, members=members, filter="data")
+        (tmp / ".complete").write_text(f"{package}@{version}\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

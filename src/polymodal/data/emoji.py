@@ -29,14 +29,9 @@ code-point sequence without variation selectors (U+FE0F), so "2764-FE0F" in one 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import json
 import re
-import shutil
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,13 +39,14 @@ from PIL import Image
 
 from polymodal.data.common import (
     CAPTIONS,
+    ICONIFY_FILES,
     SourceError,
     article,
     cache_dir,
     check_build,
     dedupe,
+    fetch_npm,
     on_white,
-    run_tool,
     save_png,
     split_of,
     summarise,
@@ -152,53 +148,16 @@ def _category(name: str) -> str:
 # --- fetching ----------------------------------------------------------------------------
 
 
-def _integrity(path: Path) -> str:
-    return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
-
-
 def fetch_package(style: str, cache: Path) -> Path:
     """The unpacked package of `style` in the cache (fetched with `npm pack` the first time)."""
     package, version, integrity = PACKAGES[style]
-    root = cache / "npm"
-    folder = root / f"{package.replace('/', '+')}-{version}"
-    if (folder / ".complete").exists():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tarball = root / f"{folder.name}.tgz"
-    if not tarball.exists():
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            run_tool(["npm", "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
-                     cwd=Path(tmp), what=f"fetching {package}@{version} from the npm registry")
-            got = list(Path(tmp).glob("*.tgz"))
-            if len(got) != 1:
-                raise SourceError(f"npm pack {package}@{version} left {len(got)} tarballs, expected one")
-            got[0].replace(tarball)
-    if _integrity(tarball) != integrity:
-        tarball.unlink()
-        raise SourceError(f"{tarball.name}: integrity does not match the pinned {integrity[:20]}...; "
-                          "removed it, run again to fetch it afresh")
     if style == "openmoji":
         wanted = ("data/openmoji.json", "LICENSE.txt", "package.json", "color/svg/")
     elif style in ICONIFY:
-        wanted = ("icons.json", "chars.json", "info.json", "package.json")
+        wanted = ICONIFY_FILES
     else:
         wanted = ("emoji.json", "LICENSE", "package.json", f"img/{style}/64/")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}-"))
-    try:
-        with tarfile.open(tarball) as tar:
-            members = []
-            for m in tar.getmembers():
-                name = m.name.split("/", 1)[-1]  # every member sits under "package/"
-                if m.isfile() and name.startswith(wanted):
-                    m.name = name
-                    members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
-        (tmp / ".complete").write_text(f"{package}@{version}\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return fetch_npm(package, version, integrity, cache, wanted)
 
 
 # --- entries and captions ----------------------------------------------------------------
