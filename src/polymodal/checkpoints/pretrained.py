@@ -34,8 +34,8 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 def default_model_dir() -> Path:
     """The embedded default CLIP: our ViT trained LiT-style against all-MiniLM-L6-v2
-    (recipes/default-clip.json, then recipes/default-clip-v2.json; MODEL_CARD.md). Its text tower
-    comes from the PyPI package."""
+    (recipes/default-clip.json, then fine-tuned by default-clip-v2, -v4 and -v5; MODEL_CARD.md).
+    Its text tower comes from the PyPI package."""
     from importlib import resources
 
     path = Path(str(resources.files("polymodal") / "assets" / "default-clip"))
