@@ -52,10 +52,12 @@ def name_ceiling(embedder, root, hierarchy) -> dict:
 def member_names(embedder, root, where: dict[str, str], k: int = 20, temperature: float = 0.05) -> dict:
     """Category accuracy when each category is described by the names of its *training* emoji
     ("an emoji of {name}"), not by its own name: each held-out image takes the categories of its k
-    most similar names, each vote weighted exp(cosine / temperature). Only text describes the
-    classes (no labelled image), so it is still zero-shot; the held-out emoji's own names are in no
-    list. `ceiling`: the same done with the held-out emoji's names in place of their images."""
+    most similar names, each vote weighted exp(cosine / temperature) (`member_votes`; `polymodal
+    classify --members`). Only text describes the classes (no labelled image), so it is still
+    zero-shot; the held-out emoji's own names are in no list. `ceiling`: the same done with the
+    held-out emoji's names in place of their images."""
     from polymodal.data.pairs import PairDataset
+    from polymodal.tasks.evaluate import member_votes
 
     members: dict[str, set[str]] = {}
     held: dict[str, str] = {}
@@ -72,17 +74,10 @@ def member_names(embedder, root, where: dict[str, str], k: int = 20, temperature
         if all(str(p.meta.get(key)) == value for key, value in where.items()):
             held[p.image] = str(p.meta["category"])
     classes = sorted(set(held.values()))
-    names = [(n, c) for c in classes for n in sorted(members.get(c, ()))]
-    bank = _unit(embedder.encode_text([f"an emoji of {n}" for n, _ in names]))  # (M, D)
-    owner = np.array([classes.index(c) for _, c in names])
+    groups = {c: sorted(members.get(c, ())) for c in classes}
 
     def vote(vectors: np.ndarray) -> np.ndarray:
-        sims = _unit(vectors) @ bank.T  # (N, M)
-        top = np.argsort(-sims, axis=1)[:, :k]
-        scores = np.zeros((len(vectors), len(classes)))
-        for r in range(len(vectors)):
-            np.add.at(scores[r], owner[top[r]], np.exp(sims[r, top[r]] / temperature))
-        return scores.argmax(axis=1)
+        return member_votes(embedder, _unit(vectors), classes, groups, ("an emoji of {}",), k, temperature).argmax(1)
 
     images = sorted(held)
     truth = np.array([classes.index(held[i]) for i in images])

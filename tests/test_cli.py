@@ -180,6 +180,30 @@ def test_classify_json(model_dir):
     assert "astronaut.png" in top and sum(label in top for label in ("cat", "dog", "car")) == 2
 
 
+def test_classify_by_members(model_dir, tmp_path):
+    groups = {"animal": ["cat", "dog", "horse"], "thing": ["cup", "rocket"]}
+    path = tmp_path / "members.json"
+    path.write_text(json.dumps(groups))
+    doc = json.loads(run("classify", "-m", model_dir, *PHOTOS[:2], "--members", path, "--json").stdout)
+    for r in doc["results"]:
+        assert sorted(x["label"] for x in r["labels"]) == ["animal", "thing"]  # the labels are the file's keys
+        assert abs(sum(x["prob"] for x in r["labels"]) - 1) < 1e-5
+    import polymodal
+    from polymodal.tasks.evaluate import member_votes
+
+    embedder = polymodal.load(model_dir)
+    votes = member_votes(embedder, embedder.encode_image(PHOTOS[:2]), ["animal", "thing"], groups, ("a photo of a {}.",))
+    for r, row in zip(doc["results"], votes, strict=True):
+        assert {x["label"]: round(x["prob"], 5) for x in r["labels"]} == {"animal": round(row[0], 5),
+                                                                         "thing": round(row[1], 5)}
+    path.write_text('{"animal": []}')
+    assert "at least one name" in one_line(run("classify", "-m", model_dir, PHOTOS[0], "--members", path,
+                                               code=2).stderr)
+    path.write_text("{not json")
+    assert "not a readable JSON" in one_line(run("classify", "-m", model_dir, PHOTOS[0], "--members", path,
+                                                 code=2).stderr)
+
+
 def test_convert_transformers_clip(tmp_path, embedder):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)

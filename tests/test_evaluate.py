@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polymodal.tasks.evaluate import class_embeddings, class_scores, recall_at_k, zero_shot
+from polymodal.tasks.evaluate import class_embeddings, class_scores, member_votes, recall_at_k, zero_shot
 from polymodal.train.config import TrainConfig
 from polymodal.train.trainer import lr_at
 
@@ -67,6 +67,25 @@ def test_a_class_is_found_through_its_subclasses_names():
     # the score is the best of the class's own prompt and its subclasses'
     np.testing.assert_allclose(class_scores(e, images, ["animal", "vehicle"], subclasses=hierarchy),
                                [[1, 0.1], [0.1, 1]], atol=1e-6)
+
+
+def test_a_class_is_found_by_its_members_votes():
+    e = WordEmbedder()
+    # the first image is nearest "cat" (an animal), then "car"; the second nearest "car"
+    images = np.array([[0, 0, 1, 0.6], [0, 0, 0.3, 1]], np.float32)
+    members = {"animal": ["cat"], "vehicle": ["car"]}
+    assert zero_shot(e, images, ["animal", "vehicle"], members=members, templates=("{}",)).accuracy == 1.0
+    votes = member_votes(e, images, ["animal", "vehicle"], members, k=2, temperature=0.1)
+    np.testing.assert_allclose(votes.sum(axis=1), 1.0)
+    # two votes each, weighted exp(cosine / 0.1): 1 against exp(-4) and exp(-7) against 1
+    np.testing.assert_allclose(votes[0], [1 / (1 + np.exp(-4)), np.exp(-4) / (1 + np.exp(-4))], rtol=1e-5)
+    np.testing.assert_allclose(votes[1], [np.exp(-7) / (1 + np.exp(-7)), 1 / (1 + np.exp(-7))], rtol=1e-5)
+    # k=1: only the nearest name votes
+    np.testing.assert_allclose(member_votes(e, images, ["animal", "vehicle"], members, k=1), [[1, 0], [0, 1]])
+    # a class with no members gets no votes; no members at all is an error
+    assert member_votes(e, images, ["animal", "vehicle"], {"animal": ["cat"]})[:, 1].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="no class has any member"):
+        member_votes(e, images, ["animal", "vehicle"], {})
 
 
 def test_lr_schedule_warmup_then_cosine():

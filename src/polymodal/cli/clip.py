@@ -210,25 +210,42 @@ def similarity(
         typer.echo(f"heatmap -> {plot}")
 
 
+def _read_members(path: Path) -> dict[str, list[str]]:
+    """{label: [member names]} from a JSON file, checked, with a one-line error naming the problem."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--members {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(v, list) and v and all(isinstance(n, str) and n.strip() for n in v) for v in data.values()):
+        raise ValueError(f"--members {path}: expected {{label: [names, ...]}} with at least one name per label")
+    return {str(k): [n.strip() for n in v] for k, v in data.items()}
+
+
 @command
 def classify(
     images: list[Path] = typer.Argument(..., help="Image files (a bad one is skipped)."),
     model: str = MODEL,
-    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated: 'cat,dog,car'."),
-    template: str = typer.Option("a photo of a {}.", "--template", help="'{}' becomes the label."),
+    labels: str = typer.Option(None, "--labels", "-l", help="Comma-separated: 'cat,dog,car'."),
+    members: Path = typer.Option(None, "--members", help="A JSON file {label: [names of things it holds]}: "
+                                 "labels found by their members' votes (the labels are its keys)."),
+    template: str = typer.Option("a photo of a {}.", "--template", help="'{}' becomes the label (or member name)."),
     top: int = typer.Option(3, "--top", "-k", min=1, help="How many labels to show per image."),
     json_: bool = JSON,
 ) -> None:
     """Zero-shot classification: each image's most probable labels."""
-    names = [label.strip() for label in labels.split(",") if label.strip()]
+    groups = _read_members(members) if members else None
+    names = [label.strip() for label in (labels or "").split(",") if label.strip()] or list(groups or ())
     if not names:
-        raise ValueError("--labels: no labels (give them comma-separated, 'cat,dog,car')")
+        raise ValueError("--labels: no labels (give them comma-separated, 'cat,dog,car', or --members FILE)")
     if "{}" not in template:
         raise ValueError(f"--template {template!r} has no '{{}}' for the label")
     embedder = _load(model)
     result, skipped = _embed_images(embedder, images)
     _embed_texts(embedder, [template.format(n) for n in names])  # warns about over-long prompts
-    ranked = [r[:top] for r in embedder.zero_shot(result.vectors, names, template)]
+    ranked = [r[:top] for r in embedder.zero_shot(result.vectors, names, template, members=groups)]
     files = [str(images[i]) for i in result.ok]
     if json_:
         return _emit(

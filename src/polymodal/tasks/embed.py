@@ -188,15 +188,22 @@ class Embedder:
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
-    def zero_shot(self, image_embeds: np.ndarray, labels: Sequence[str],
-                  template: str = "a photo of a {}.") -> list[list[tuple[str, float]]]:
+    def zero_shot(self, image_embeds: np.ndarray, labels: Sequence[str], template: str = "a photo of a {}.",
+                  members: dict[str, Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
         """Zero-shot classification (CLIP section 3.1.2): each label becomes a caption through
-        the template; for each image, (label, probability) best first."""
+        the template; for each image, (label, probability) best first. With `members` (names of
+        things each label holds, each through the template), a label's share of the votes of the
+        image's nearest member names (tasks/evaluate.member_votes) stands for its probability."""
         if not labels:
             raise ValueError("zero-shot classification needs at least one label")
         if "{}" not in template:
             raise ValueError(f"template {template!r} has no '{{}}' for the label")
-        p = self.probs(image_embeds, self.encode_text([template.format(label) for label in labels]))
+        if members:
+            from polymodal.tasks.evaluate import member_votes
+
+            p = member_votes(self, image_embeds, labels, members, (template,))
+        else:
+            p = self.probs(image_embeds, self.encode_text([template.format(label) for label in labels]))
         return [sorted(zip(labels, map(float, row), strict=True), key=lambda x: -x[1]) for row in p]
 
     def classify(self, images, labels: Sequence[str], template: str = "a photo of a {}.",

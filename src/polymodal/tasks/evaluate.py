@@ -6,6 +6,11 @@ normalised again (prompt ensembling); an image is assigned its most similar clas
 With a label hierarchy (CHiLS, Novack et al. 2023), a class also speaks through its subclasses'
 names ("animals-nature": "animal mammal", "animal bird", ...): its score is the best of its own
 prompt and theirs, so a broad category is found through the narrow words an image sits near.
+With examples (`members`), a class is described by the names of things it holds ("food-drink":
+"hamburger", "red apple", ...): an image takes the classes of its k most similar names, each vote
+weighted exp(cosine / temperature), a k-nearest-neighbour vote in the text tower's space. Only
+text describes the classes, so it is still zero-shot; it finds a broad class through whichever
+narrow thing an image resembles.
 Retrieval: recall@k, image->text (any of the image's captions in the top k) and
 text->image (the caption's image in the top k).
 """
@@ -47,6 +52,28 @@ def class_scores(embedder: Embedder, image_embeds: np.ndarray, classes: Sequence
     return np.stack([sim[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
 
 
+def member_votes(embedder: Embedder, image_embeds: np.ndarray, classes: Sequence[str],
+                 members: dict[str, Sequence[str]], templates: Sequence[str] = ("{}",), k: int = 20,
+                 temperature: float = 0.05) -> np.ndarray:
+    """(N, C) each class's share of the image's k nearest member names, each vote weighted
+    exp(cosine / temperature); rows sum to 1. A class without members gets no votes."""
+    names = [(name, c) for c, cls in enumerate(classes) for name in dict.fromkeys(members.get(cls, ()))]
+    if not names:
+        raise ValueError("members: no class has any member names")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"members: need k >= 1 and temperature > 0 (got {k}, {temperature})")
+    bank = class_embeddings(embedder, [name for name, _ in names], templates)  # (M, D)
+    owner = np.array([c for _, c in names])
+    sims = image_embeds @ bank.T  # (N, M)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (N, k)
+    near = np.take_along_axis(sims, top, axis=1)
+    weights = np.exp((near - near[:, :1]) / temperature)  # the best vote weighs 1; no overflow
+    votes = np.zeros((len(image_embeds), len(classes)))
+    for r in range(len(image_embeds)):
+        np.add.at(votes[r], owner[top[r]], weights[r])
+    return votes / votes.sum(axis=1, keepdims=True)
+
+
 @dataclass
 class ZeroShotResult:
     accuracy: float
@@ -62,15 +89,22 @@ class ZeroShotResult:
 
 def zero_shot(embedder: Embedder, image_embeds: np.ndarray, labels: Sequence[str],
               classes: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES,
-              subclasses: dict[str, Sequence[str]] | None = None) -> ZeroShotResult:
+              subclasses: dict[str, Sequence[str]] | None = None,
+              members: dict[str, Sequence[str]] | None = None, k: int = 20,
+              temperature: float = 0.05) -> ZeroShotResult:
     """Accuracy of assigning each image (its embedding) to the nearest class embedding (through
-    its subclasses' names too, when given: `class_scores`)."""
+    its subclasses' names too, when given: `class_scores`), or, given `members`, to the class
+    of most of its nearest member names (`member_votes`, each name through `templates`)."""
     classes = sorted(set(labels)) if classes is None else list(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ValueError(f"labels not among the classes: {unknown[:5]}")
-    pred = class_scores(embedder, image_embeds, classes, templates, subclasses).argmax(axis=1)  # (N,)
+    if members:
+        scores = member_votes(embedder, image_embeds, classes, members, templates, k, temperature)
+    else:
+        scores = class_scores(embedder, image_embeds, classes, templates, subclasses)
+    pred = scores.argmax(axis=1)  # (N,)
     true = np.array([index[label] for label in labels])
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
@@ -103,6 +137,7 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
                     templates: Sequence[str] = TEMPLATES, where: dict[str, str] | None = None,
                     text_key: str | None = None, label_names: dict[str, str] | None = None,
                     subclasses: dict[str, Sequence[str]] | None = None,
+                    members: dict[str, Sequence[str]] | None = None,
                     progress: bool = False, on_error=None) -> dict:
     """Retrieval over the images and captions of a split of a folder data set and, when its
     records carry `label_key`, zero-shot accuracy over the labels found.
@@ -111,6 +146,7 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     {"style": "apple"}). text_key: query with this record field (e.g. "name") instead of the
     captions, once per image. label_names: the words prompts use for labels ({"2": "two"}).
     subclasses: a label's narrower names, scored with it (`class_scores`).
+    members: names of things each label holds; the labels are then found by their vote (`member_votes`).
     Bad images are skipped (reported to `on_error`) and counted."""
     from polymodal.data.pairs import PairDataset
 
@@ -138,5 +174,5 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     if labels and len(labels) == len(position):
         ordered = sorted(position, key=position.get)
         report["zero_shot"] = zero_shot(embedder, result.vectors, [labels[i] for i in ordered], templates=templates,
-                                         subclasses=subclasses)
+                                         subclasses=subclasses, members=members)
     return report
