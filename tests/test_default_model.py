@@ -70,6 +70,11 @@ def test_the_main_job_end_to_end(tmp_path):
     assert report.count("<figure>") >= 5 * len(doc["searches"]) and "data:image/png;base64," in report
     assert (tmp_path / "similarity.png").is_file() and (tmp_path / "patches.png").is_file()
     assert doc["index"]["added"] == doc["images"] and doc["index"]["bad"] == 0
+    # classification shows emoji held out of training, by categories described through other emoji
+    assert doc["zero_shot"] and all(z["heldout"] and z["source"] == "emoji-apple" for z in doc["zero_shot"])
+    for z in doc["zero_shot"]:
+        shares = [p for _, p in z["labels"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6
 
     # the collection is an index the other commands read; a rerun embeds nothing again
     res = CliRunner().invoke(app, ["search", "--db", str(tmp_path / "collection" / "db"), "a red heart", "--json"])

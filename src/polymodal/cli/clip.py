@@ -323,7 +323,9 @@ def demo(
                           progress=_progress(), on_note=say)
     if json_:
         return _emit({"out": str(out), "report": str(out / "report.html"), "images": report["images"],
-                      "index": report["index"], "searches": {q: [r["caption"] for r in rs] for q, rs in report["searches"].items()}})
+                      "index": report["index"], "searches": {q: [r["caption"] for r in rs] for q, rs in report["searches"].items()},
+                      "zero_shot": [{k: z[k] for k in ("caption", "category", "source", "heldout", "labels")}
+                                    for z in report["zero_shot"]]})
     console = _console()
     from rich.markup import escape
     from rich.table import Table
