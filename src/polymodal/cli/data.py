@@ -29,7 +29,7 @@ def emoji(
     out: Path = OUT,
     style: list[str] = typer.Option(["google", "twitter", "openmoji"], "--style",
                                     help="google, twitter, openmoji, apple (evaluation only), and from Iconify: fluent, fluentcolor, "
-                                         "emojione, emojionev1, notov1, fxemoji, streamline; repeatable."),
+                                         "fluentmono, emojione, emojionev1, emojionemono, notov1, fxemoji, streamline; repeatable."),
     size: int = typer.Option(64, "--size", min=8, help="Image side in pixels."),
     cache: Path = CACHE,
     limit: int = LIMIT,

@@ -11,10 +11,11 @@ integrity hash):
 - openmoji: `data/openmoji.json` and `color/svg/<HEXCODE>.svg`, CC-BY-SA-4.0, rasterised
   with cairosvg.
 - Iconify's packaged emoji sets (`@iconify-json/*`: `icons.json`, SVG bodies by name),
-  rasterised with cairosvg: "fluent" (Microsoft Fluent Emoji, flat) and "fluentcolor" (its
-  shaded colour style), both MIT; "emojione" (EmojiOne 2, CC-BY-4.0) and "emojionev1" (EmojiOne
-  1, CC-BY-SA-4.0); "notov1" (the first Noto "blob" emoji) and "fxemoji" (Firefox OS), both
-  Apache-2.0; "streamline" (Streamline Emojis, CC-BY-4.0). Fluent's `chars.json` gives each
+  rasterised with cairosvg: "fluent" (Microsoft Fluent Emoji, flat), "fluentcolor" (its shaded
+  colour style) and "fluentmono" (its black line style), all MIT; "emojione" (EmojiOne 2) and
+  "emojionemono" (its one-colour style), CC-BY-4.0, and "emojionev1" (EmojiOne 1, CC-BY-SA-4.0);
+  "notov1" (the first Noto "blob" emoji) and "fxemoji" (Firefox OS), both Apache-2.0;
+  "streamline" (Streamline Emojis, CC-BY-4.0). Fluent's `chars.json` gives each
   name its code points; the other sets use the same CLDR names, or them with the hyphens
   dropped ("admissiontickets") or a variant number added ("baby-2"), and are keyed through
   Fluent's map (a name it lacks is left out). Their captions are the emoji-datasource record's
@@ -57,7 +58,8 @@ from polymodal.data.common import (
     write_readme,
 )
 
-ICONIFY = ("fluent", "fluentcolor", "emojione", "emojionev1", "notov1", "fxemoji", "streamline")
+ICONIFY = ("fluent", "fluentcolor", "fluentmono", "emojione", "emojionev1", "emojionemono", "notov1", "fxemoji",
+           "streamline")
 STYLES = ("google", "twitter", "openmoji", "apple", *ICONIFY)
 EVAL_ONLY = ("apple",)
 
@@ -83,6 +85,10 @@ PACKAGES = {
                    "sha512-UjI2VQEXVtGlPBvQuxEizro7QCgBcJDOYwKUupquvvZ8UV4xOlvm45IU82JYWegiAWLerY79gFLMZ26U6Ms+ww=="),
     "fxemoji": ("@iconify-json/fxemoji", "1.2.2",
                 "sha512-UAasRaxzFUKfIGSmLwnoarsssA4LX0VLLuEmplIqM6ZNQqIQRtav8tZ4H1neTlBreXuMQyAifr5jP4kn78DpiQ=="),
+    "fluentmono": ("@iconify-json/fluent-emoji-high-contrast", "1.2.6",
+                   "sha512-esqhZPpkrF7sNX3NsLoh8KW64okEr/bzko7WNnFP+qTJGAqDPDYjp0925yxuivXy3HtVQB8xhIKu3+Nq1byX5w=="),
+    "emojionemono": ("@iconify-json/emojione-monotone", "1.2.1",
+                     "sha512-cZSNcPsuiAD6HCzCh/2dYKGh3pNI0jJlxBxQWfC33cQsPtqYZqulGBvlkThXYNvDl8VxgVHT9u+izyX/yeEIkA=="),
     "streamline": ("@iconify-json/streamline-emojis", "1.2.4",
                    "sha512-iNr9T9XuZVTyQPJO8ZlLxBzPkpi7qMl+z1l0C31vpEMqhPMelth3n7CeWQYtixdetDPdI81yeG4ROqjWpYJE6A=="),
 }
@@ -109,6 +115,10 @@ LICENCES = {
                    "attribution required, derivatives share alike", "https://github.com/joypixels/emojione-legacy"),
     "fxemoji": ("Apache-2.0 (FxEmoji, (c) Mozilla Foundation), through Iconify's packaging",
                 "https://github.com/mozilla/fxemoji"),
+    "fluentmono": ("MIT (Fluent Emoji, high-contrast line style, (c) Microsoft Corporation), through Iconify's "
+                   "packaging", "https://github.com/microsoft/fluentui-emoji"),
+    "emojionemono": ("CC-BY-4.0 (EmojiOne 2, monotone, (c) Ranks.com / JoyPixels), through Iconify's packaging; "
+                     "attribution required", "https://github.com/joypixels/emojione-legacy"),
     "streamline": ("CC-BY-4.0 (Streamline Emojis, (c) Streamline / webalys), through Iconify's packaging; "
                    "attribution required", "https://www.streamlinehq.com/emojis"),
 }
