@@ -229,7 +229,8 @@ def test_emoji_iconify_styles_share_keys_splits_and_words(tmp_path):
     from polymodal.data.emoji import build_emoji
 
     out = tmp_path / "emoji"
-    styles = ("google", "fluent", "emojione", "notov1", "fxemoji", "streamline")  # names as given, squashed, numbered
+    styles = ("google", "fluent", "fluentmono", "emojione", "emojionemono", "notov1", "fxemoji",
+              "streamline")  # names as given, squashed (fxemoji), numbered (streamline)
     summary = _fetching(build_emoji, out, styles=styles, limit=60)
     assert set(summary["style"]) == set(styles) and not summary["skipped"]
     records = read_jsonl(out / CAPTIONS)
