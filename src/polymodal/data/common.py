@@ -187,6 +187,16 @@ def run_tool(args: Sequence[str], *, cwd: Path, what: str) -> subprocess.Complet
     return done
 
 
+def iconify_svg(data: dict, icon: dict) -> bytes:
+    """A standalone SVG of one icon of an Iconify `icons.json` (`data`): its body in its view box
+    (the icon's own size and offset, else the set's; 16 x 16 when neither says), drawn in black
+    where it uses currentColor."""
+    left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
+    width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'viewBox="{left} {top} {width} {height}" color="black">{icon["body"]}</svg>').encode()
+
+
 def fetch_npm(package: str, version: str, integrity: str, cache: Path, wanted: Sequence[str]) -> Path:
     """The files of an npm package whose paths start with one of `wanted`, unpacked into the
     cache (fetched with `npm pack` the first time and checked against its pinned integrity)."""

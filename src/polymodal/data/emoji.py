@@ -47,6 +47,7 @@ from polymodal.data.common import (
     check_build,
     dedupe,
     fetch_npm,
+    iconify_svg,
     on_white,
     save_png,
     split_of,
@@ -229,11 +230,7 @@ def _iconify_entries(folder: Path, records: dict[str, dict], keys_by_name: dict[
                or keys_by_name.get(f"~{name}"))
         if key is None or key not in records or SKIN_TONES & set(key.split("-")):
             continue
-        left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
-        width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
-        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
-               f'viewBox="{left} {top} {width} {height}">{icon["body"]}</svg>')
-        entries.append({**records[key], "file": folder / f"icons.json:{name}", "svg": svg.encode()})
+        entries.append({**records[key], "file": folder / f"icons.json:{name}", "svg": iconify_svg(data, icon)})
     return entries
 
 

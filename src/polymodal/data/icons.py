@@ -16,10 +16,13 @@ of held-out clip art, so a mixture of these sets holds those things out everywhe
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from polymodal.data.common import (
     CAPTIONS,
@@ -29,6 +32,7 @@ from polymodal.data.common import (
     check_build,
     dedupe,
     fetch_npm,
+    iconify_svg,
     on_white,
     save_png,
     split_of,
@@ -97,13 +101,6 @@ def split_for(subject: str, held: set[str]) -> str:
     return split_of(subject, salt=SPLIT_SALT)
 
 
-def _svg(data: dict, icon: dict) -> bytes:
-    width, height = icon.get("width", data.get("width", 24)), icon.get("height", data.get("height", 24))
-    left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="{left} {top} {width} {height}" '
-            f'color="black">{icon["body"]}</svg>').encode()
-
-
 def build_icons(out, *, cache=None, size: int = 64, progress: bool = False, limit: int | None = None) -> dict:
     """Build the icon caption set in `out`; return counts per split and category.
 
@@ -114,10 +111,6 @@ def build_icons(out, *, cache=None, size: int = 64, progress: bool = False, limi
     except (ImportError, OSError) as e:
         raise SourceError(f"icons are drawn from SVG and need cairosvg and the cairo library: pip install "
                           f"cairosvg; apt-get install libcairo2 ({e})") from None
-    import io
-
-    from PIL import Image
-
     started = time.perf_counter()
     out, cache = Path(out), cache_dir(cache)
     folder = fetch_npm(PACKAGE, VERSION, INTEGRITY, cache, ("icons.json", "metadata.json", "info.json",
@@ -145,7 +138,7 @@ def build_icons(out, *, cache=None, size: int = 64, progress: bool = False, limi
         rel = f"images/{name}.png"
         if not (out / rel).exists():
             try:
-                png = cairosvg.svg2png(bytestring=_svg(data, data["icons"][name]), output_width=size,
+                png = cairosvg.svg2png(bytestring=iconify_svg(data, data["icons"][name]), output_width=size,
                                        output_height=size)
                 save_png(on_white(Image.open(io.BytesIO(png))), out / rel)
                 written += 1
