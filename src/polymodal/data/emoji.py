@@ -234,6 +234,12 @@ def _iconify_entries(folder: Path, records: dict[str, dict], keys_by_name: dict[
     return entries
 
 
+def emoji_records(cache: Path) -> dict[str, dict]:
+    """Every emoji's emoji-datasource record (name, category, subcategory, keywords) by its key:
+    the words of all styles drawn from Iconify, and the held-out names the icons builder avoids."""
+    return {e["key"]: e for e in reversed(_datasource_entries(fetch_package("google", cache), None))}
+
+
 def _fluent_keys(folder: Path) -> dict[str, str]:
     """Fluent's CLDR-style names ('grinning-face') -> emoji keys, from its chars.json; '~' + a name
     without its hyphens ('~grinningface') finds the same key for sets that squash names."""
@@ -305,7 +311,7 @@ def build_emoji(out, *, styles=("google", "twitter", "openmoji"), cache=None, si
     out, cache = Path(out), cache_dir(cache)
     per_style = {}
     if set(styles) & set(ICONIFY):  # their words come from emoji-datasource, their keys through Fluent's names
-        records = {e["key"]: e for e in reversed(_datasource_entries(fetch_package("google", cache), None))}
+        records = emoji_records(cache)
         keys_by_name = _fluent_keys(fetch_package("fluent", cache))
     for style in styles:
         folder = fetch_package(style, cache)

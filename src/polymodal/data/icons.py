@@ -26,6 +26,7 @@ from PIL import Image
 
 from polymodal.data.common import (
     CAPTIONS,
+    ICONIFY_FILES,
     SourceError,
     article,
     cache_dir,
@@ -84,13 +85,11 @@ def captions_for(subject: str, category: str) -> list[str]:
 
 
 def _held_out_names(cache: Path) -> set[str]:
-    """The names of held-out emoji and the subjects of held-out clip art (the emoji names come
-    from emoji-datasource, which the emoji builder fetches too; clip-art subjects are split by
-    their own hash, so none needs fetching)."""
-    from polymodal.data.emoji import _datasource_entries, emoji_split, fetch_package
+    """The names of held-out emoji (from emoji-datasource, which the emoji builder fetches too).
+    Held-out clip-art subjects need no list: `split_for` hashes a subject as the clip-art builder does."""
+    from polymodal.data.emoji import emoji_records, emoji_split
 
-    return {e["name"] for e in _datasource_entries(fetch_package("google", cache), None)
-            if emoji_split(e["key"]) == "test"}
+    return {e["name"] for key, e in emoji_records(cache).items() if emoji_split(key) == "test"}
 
 
 def split_for(subject: str, held: set[str]) -> str:
@@ -113,8 +112,7 @@ def build_icons(out, *, cache=None, size: int = 64, progress: bool = False, limi
                           f"cairosvg; apt-get install libcairo2 ({e})") from None
     started = time.perf_counter()
     out, cache = Path(out), cache_dir(cache)
-    folder = fetch_npm(PACKAGE, VERSION, INTEGRITY, cache, ("icons.json", "metadata.json", "info.json",
-                                                              "package.json"))
+    folder = fetch_npm(PACKAGE, VERSION, INTEGRITY, cache, (*ICONIFY_FILES, "metadata.json"))
     data = json.loads((folder / "icons.json").read_text(encoding="utf-8"))
     filed = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))["categories"]
     category_of: dict[str, str] = {}
