@@ -153,6 +153,8 @@ def main() -> None:
 
     def summary(report, per_class=False):
         out = {"images": report["images"], "texts": report["texts"], **report["retrieval"]}
+        if "retrieval_by_text" in report:
+            out["by_query"] = report["retrieval_by_text"]
         if "zero_shot" in report:
             out["zero_shot_accuracy"] = report["zero_shot"].accuracy
             if per_class:

@@ -262,7 +262,7 @@ def test_emoji_iconify_styles_share_keys_splits_and_words(tmp_path):
 
 @pytest.mark.parametrize("name, subject", [
     ("food-apple-outline", "food apple"), ("bicycle", "bicycle"), ("car-off", None), ("car-search", None),
-    ("rabbit-variant", "rabbit"), ("numeric-1", None),
+    ("rabbit-variant", "rabbit"), ("numeric-1", None), ("abstract-001", None), ("dragon-head", "dragon head"),
 ])
 def test_icon_subjects(name, subject):
     from polymodal.data.icons import subject_of
@@ -272,15 +272,15 @@ def test_icon_subjects(name, subject):
 
 def test_icons_subset_holds_out_what_emoji_and_clipart_hold_out(tmp_path):
     from polymodal.data.clipart import SPLIT_SALT
-    from polymodal.data.common import cache_dir, split_of
-    from polymodal.data.icons import _held_out_names, build_icons, split_for
+    from polymodal.data.common import cache_dir, held_out_names, split_of
+    from polymodal.data.icons import build_icons, split_for
 
     out = tmp_path / "icons"
     summary = _fetching(build_icons, out, limit=80)
     assert summary["images"] == 80 and not summary["skipped"] and len(summary["category"]) >= 10
     records = read_jsonl(out / CAPTIONS)
     _check_captions(records)
-    held = _held_out_names(cache_dir(None))
+    held = held_out_names(cache_dir(None))
     assert len(held) > 100 and all(split_for(name, held) == "test" for name in sorted(held)[:50])
     for image, lines in _by_image(records).items():
         r = lines[0]
@@ -292,6 +292,76 @@ def test_icons_subset_holds_out_what_emoji_and_clipart_hold_out(tmp_path):
     assert {"train", "test"} == {r["split"] for r in records}
     assert "apache-2.0" in (out / "README.md").read_text().lower()
     _rerun_is_noop(build_icons, out, limit=80)
+
+
+def test_icon_sets_each_in_its_folder_with_its_licence(tmp_path):
+    from polymodal.data.common import cache_dir, held_out_names
+    from polymodal.data.icons import SETS, build_icons, split_for
+
+    with pytest.raises(ValueError, match="unknown icon set"):
+        build_icons(tmp_path / "bad", sets=("mdi", "clippy"))
+    sets = ("game-icons", "icon-park", "fa6-solid")
+    out = tmp_path / "icons"
+    summary = _fetching(build_icons, out, sets=sets, limit=90)
+    assert summary["images"] == 90 and not summary["skipped"] and set(summary["set"]) == set(sets)
+    records = read_jsonl(out / CAPTIONS)
+    _check_captions(records)
+    held = held_out_names(cache_dir(None))
+    for image, lines in _by_image(records).items():
+        r = lines[0]
+        assert image == f"images/{r['set']}/{r['icon']}.png" and r["source"] == SETS[r["set"]].package
+        assert r["split"] == split_for(r["name"], held) and not any(c.isdigit() for c in r["name"])
+        if SETS[r["set"]].categories is None:  # game-icons are not filed: no category caption
+            assert not any(":" in line["text"] for line in lines)
+    readme = (out / "README.md").read_text().lower()
+    assert all(licence in readme for licence in ("cc-by-3.0", "apache-2.0", "cc-by-4.0"))
+    with pytest.raises(ValueError, match="holds a build made with"):  # another choice of sets, same folder
+        build_icons(out, sets=("game-icons",), limit=10)
+    _rerun_is_noop(build_icons, out, sets=sets, limit=90)
+
+
+# --- Tux Paint stamps ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem, folder, subject", [
+    ("lion-2", "cats", "lion"), ("tiger_sumatran", "cats", "tiger sumatran"), ("100sacagawea", "coins", "sacagawea"),
+    ("050", "coins", "coins"),
+])
+def test_stamp_subjects(stem, folder, subject):
+    from polymodal.data.stamps import subject_of
+
+    assert subject_of(stem, folder) == subject
+
+
+def test_stamp_descriptions_keep_their_first_sentence():
+    from polymodal.data.stamps import first_sentence
+
+    assert first_sentence("A white kitten.") == "a white kitten"
+    assert first_sentence("A Canadian dollar ($1.00) called a loonie. It\u2019s named after the bird.") == \
+        "a canadian dollar ($1.00) called a loonie"
+
+
+def test_stamps_subset_photos_and_drawings_on_white(tmp_path):
+    from polymodal.data.common import cache_dir, held_out_names, split_beside
+    from polymodal.data.stamps import SPLIT_SALT, build_stamps
+
+    out = tmp_path / "stamps"
+    summary = _fetching(build_stamps, out, limit=40, size=96)
+    assert summary["images"] + len(summary["skipped"]) == 40 and len(summary["skipped"]) <= 2
+    records = read_jsonl(out / CAPTIONS)
+    _check_captions(records)
+    held = held_out_names(cache_dir(None))
+    kinds = set()
+    for image, lines in _by_image(records).items():
+        r = lines[0]
+        assert r["split"] == split_beside(r["name"], held, salt=SPLIT_SALT) and len(lines) >= 3
+        assert not image.startswith("images/symbols/alphabets")
+        picture = load_image(out / image)
+        assert max(picture.size) <= 96 and picture.mode == "RGB"
+        kinds.add(Path(r["folder"]).parts[0])
+    assert len(kinds) >= 5 and {"train", "test"} == {r["split"] for r in records}
+    assert "gpl-2" in (out / "README.md").read_text().lower()
+    _rerun_is_noop(build_stamps, out, limit=40, size=96)
 
 
 # --- clip art -------------------------------------------------------------------------------------

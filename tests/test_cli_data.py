@@ -27,8 +27,8 @@ def test_data_mix(tmp_path):
     from polymodal.data.pairs import PairDataset
 
     runner = CliRunner()
-    for name, seed in (("a", 0), ("b", 1)):
-        assert runner.invoke(app, ["data", "scenes", str(tmp_path / name), "--n", "5", "--seed", str(seed),
+    for name, seed, n in (("a", 0, 5), ("b", 1, 30)):
+        assert runner.invoke(app, ["data", "scenes", str(tmp_path / name), "--n", str(n), "--seed", str(seed),
                                    "--size", "32"]).exit_code == 0
     res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix"), "-s", f"a={tmp_path / 'a'}",
                               "-s", f"b={tmp_path / 'b'}", "--json"])
@@ -39,3 +39,14 @@ def test_data_mix(tmp_path):
     assert all(path.is_file() for path in data.images())
     res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix"), "-s", f"{tmp_path / 'a'}"])
     assert res.exit_code == 2 and "source name" in res.stderr
+    # --repeat writes a source's training records K times and its test records once
+    res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix3"), "-s", f"a={tmp_path / 'a'}",
+                              "-s", f"b={tmp_path / 'b'}", "--repeat", "b=3"])
+    assert res.exit_code == 0, res.output
+    b = PairDataset(tmp_path / "b").pairs
+    n_train = sum(p.meta["split"] == "train" for p in b)
+    repeated = [p for p in PairDataset(tmp_path / "mix3").pairs if p.meta["dataset"] == "b"]
+    assert 0 < n_train < len(b) and len(repeated) == 3 * n_train + (len(b) - n_train)
+    for bad, message in (("c=2", "not sources"), ("b=two", "NAME=K")):
+        res = runner.invoke(app, ["data", "mix", str(tmp_path / "mix4"), "-s", f"b={tmp_path / 'b'}", "--repeat", bad])
+        assert res.exit_code == 2 and message in res.stderr, res.stderr

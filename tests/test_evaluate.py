@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from polymodal.tasks.evaluate import class_embeddings, class_scores, member_votes, recall_at_k, zero_shot
+from polymodal.tasks.evaluate import (
+    class_embeddings,
+    class_scores,
+    member_votes,
+    recall_at_k,
+    recall_by_text,
+    zero_shot,
+)
 from polymodal.train.config import TrainConfig
 from polymodal.train.trainer import lr_at
 
@@ -16,6 +23,16 @@ def test_recall_at_k_by_hand():
     assert r["text_to_image_R@1"] == 0.75 and r["text_to_image_R@2"] == 1.0
     # image 2's only caption is text 1, and image 2's similarities [0, .5, 0, 0] rank it first
     assert r["image_to_text_R@1"] == 1.0
+
+
+def test_recall_by_text_counts_any_right_image():
+    img = np.eye(4, dtype=np.float32)
+    # query 0 names images 0 and 1 and points at image 1; query 1 names image 3 and points at image 2 first
+    txt = np.array([[0, 1, 0, 0], [0, 0, 1, 0.5]], dtype=np.float32)
+    r = recall_by_text(img, txt, [{0, 1}, {3}], ks=(1, 2))
+    assert r == {"text_to_image_R@1": 0.5, "text_to_image_R@2": 1.0}
+    # scored per (image, query) pair, the same query misses its image 0 at k=1
+    assert recall_at_k(img, txt[[0, 0, 1]], [0, 1, 3], ks=(1,))["text_to_image_R@1"] == 1 / 3
 
 
 def test_recall_perfect_and_random():

@@ -1,4 +1,4 @@
-"""Commands that build real image-caption data sets: emoji, icons, clipart, scenes, clips; and show."""
+"""Commands that build real image-caption data sets: emoji, icons, clipart, stamps, scenes, clips; and show."""
 
 from __future__ import annotations
 
@@ -45,15 +45,18 @@ def emoji(
 @command(name="icons", group=data_app)
 def icons(
     out: Path = OUT,
+    set_: list[str] = typer.Option(["mdi"], "--set", help="mdi, game-icons, icon-park, fa6-solid; repeatable."),
     size: int = typer.Option(64, "--size", min=8, help="Image side in pixels."),
     cache: Path = CACHE,
     limit: int = LIMIT,
     json_: bool = JSON,
 ) -> None:
-    """Material Design Icons of things (Apache-2.0, from npm), black on white, captioned by name and category."""
+    """Icons of things from Iconify's npm packages (Material Design Icons, game-icons.net, IconPark, Font
+    Awesome), black on white, captioned by name and category."""
     from polymodal.data.icons import build_icons
 
-    _report(build_icons(out, cache=cache, size=size, progress=_progress(), limit=limit), out, json_)
+    _report(build_icons(out, sets=tuple(set_), cache=cache, size=size, progress=_progress(), limit=limit),
+            out, json_)
 
 
 @command(name="clipart", group=data_app)
@@ -71,6 +74,20 @@ def clipart(
     summary = build_clipart(out, cache=cache, size=size or None, per_category_cap=per_category_cap or None,
                             progress=_progress(), limit=limit)
     _report(summary, out, json_)
+
+
+@command(name="stamps", group=data_app)
+def stamps(
+    out: Path = OUT,
+    size: int = typer.Option(256, "--size", min=16, help="Shrink pictures to at most this side."),
+    cache: Path = CACHE,
+    limit: int = LIMIT,
+    json_: bool = JSON,
+) -> None:
+    """Debian's tuxpaint-stamps-default (GPL-2): photographs and drawings of things, captioned by their descriptions."""
+    from polymodal.data.stamps import build_stamps
+
+    _report(build_stamps(out, cache=cache, size=size, progress=_progress(), limit=limit), out, json_)
 
 
 @command(name="scenes", group=data_app)
@@ -125,13 +142,21 @@ def show(
 def mix_cmd(
     out: Path = typer.Argument(..., help="The folder of the mixture."),
     source: list[str] = typer.Option(..., "--source", "-s", help="NAME=FOLDER of a data set; repeatable."),
+    repeat: list[str] = typer.Option([], "--repeat", help="NAME=K: write that source's training records K times; "
+                                                          "repeatable."),
     json_: bool = JSON,
 ) -> None:
     """Combine several folder data sets into one (links, no copies), records tagged by source."""
     from polymodal.data.mix import mix
 
     pairs = dict(s.split("=", 1) if "=" in s else ("", s) for s in source)
-    counts = mix(out, pairs)
+    repeats = {}
+    for r in repeat:
+        name, _, times = r.partition("=")
+        if not times.isdigit():
+            raise typer.BadParameter(f"--repeat {r!r}: expected NAME=K with K a whole number")
+        repeats[name] = int(times)
+    counts = mix(out, pairs, repeats)
     if json_:
         return _emit({"out": str(out), "records": counts})
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}")

@@ -28,31 +28,20 @@ RGB PNG. Exact duplicates (the same bytes filed in two folders) are kept once.
 
 from __future__ import annotations
 
-import io
-import os
 import re
-import shutil
-import tarfile
-import tempfile
 import time
-import urllib.request
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, ImageChops
-
 from polymodal.data.common import (
     CAPTIONS,
-    SourceError,
-    SourceUnavailable,
     article,
     cache_dir,
     check_build,
     dedupe,
+    fetch_deb,
     file_digest,
-    on_white,
-    run_tool,
+    load_drawing,
     save_png,
     split_of,
     summarise,
@@ -62,7 +51,7 @@ from polymodal.data.common import (
     write_jsonl,
     write_readme,
 )
-from polymodal.processing.image import ImageError, load_image
+from polymodal.processing.image import ImageError
 
 PACKAGE = "openclipart-png"
 VERSION = "1:0.18+dfsg-19"
@@ -72,7 +61,6 @@ LICENCE = ("public domain (Creative Commons Public Domain Dedication, per the De
            "copyright file; each picture's author is credited on openclipart.org)")
 SPLIT_SALT = "clipart-v1"
 MIN_SIDE = 24  # pictures whose longer side is shorter than this are broken renders
-MARGIN = 0.04  # white margin kept around a picture's content when cropping, of its longer side
 CUT = 22  # a name this long (before its counter) was probably cut at 24 characters
 
 _AUTHOR_NAMES = """
@@ -127,77 +115,10 @@ RANKS = {"a": "ace", "j": "jack", "q": "queen", "k": "king", "2": "two", "3": "t
 # --- fetching ----------------------------------------------------------------------------
 
 
-def _download_deb(folder: Path) -> Path:
-    """`apt-get download` (after `apt-get update` if apt does not know the version and we are
-    root), else the Debian pool over HTTP. Returns the .deb inside `folder`."""
-    errors = []
-    try:
-        spec = f"{PACKAGE}={VERSION}"
-        try:
-            run_tool(["apt-get", "download", spec], cwd=folder, what=f"apt-get download {spec}")
-        except SourceError as e:
-            if isinstance(e, SourceUnavailable) or not hasattr(os, "geteuid") or os.geteuid() != 0:
-                raise
-            run_tool(["apt-get", "update"], cwd=folder, what="apt-get update")
-            run_tool(["apt-get", "download", spec], cwd=folder, what=f"apt-get download {spec}")
-        return next(folder.glob(f"{PACKAGE}_*.deb"))
-    except (SourceError, StopIteration) as e:
-        errors.append(str(e) or "apt-get download left no .deb")
-    try:
-        path = folder / POOL_URL.rsplit("/", 1)[-1]
-        with urllib.request.urlopen(POOL_URL, timeout=60) as response, open(path, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        return path
-    except OSError as e:
-        errors.append(f"{POOL_URL}: {e}")
-    raise SourceUnavailable(f"cannot fetch {PACKAGE} {VERSION}: " + "; ".join(errors))
-
-
-def _ar_data_tar(deb: Path) -> tarfile.TarFile:
-    """The data.tar.* member of a .deb (an `ar` archive), for machines without dpkg."""
-    with open(deb, "rb") as f:
-        if f.read(8) != b"!<arch>\n":
-            raise SourceError(f"{deb}: not a Debian package")
-        while header := f.read(60):
-            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
-            data = f.read(size + size % 2)[:size]
-            if name.startswith("data.tar"):
-                return tarfile.open(fileobj=io.BytesIO(data))
-    raise SourceError(f"{deb}: no data.tar member")
-
-
 def fetch_clipart(cache: Path) -> Path:
     """The folder of category folders of PNGs, fetched and unpacked into the cache once."""
-    root = cache / "apt"
-    folder = root / f"{PACKAGE}-{VERSION.split(':')[-1]}"
-    if (folder / ".complete").exists():
-        return folder / "png"
-    root.mkdir(parents=True, exist_ok=True)
-    deb = root / POOL_URL.rsplit("/", 1)[-1]
-    if not deb.exists():
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            _download_deb(Path(tmp)).replace(deb)
-    if file_digest(deb) != SHA256:
-        deb.unlink()
-        raise SourceError(f"{deb.name}: SHA-256 does not match the pinned {SHA256[:16]}...; "
-                          "removed it, run again to fetch it afresh")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{PACKAGE}-"))
-    try:
-        unpacked = tmp / "x"
-        if shutil.which("dpkg"):
-            run_tool(["dpkg", "-x", str(deb), str(unpacked)], cwd=tmp, what=f"dpkg -x {deb.name}")
-        else:
-            with _ar_data_tar(deb) as tar:
-                tar.extractall(unpacked, filter="data")
-        share = unpacked / "usr" / "share"
-        (share / "openclipart" / "png").replace(tmp / "png")
-        shutil.copy(share / "doc" / PACKAGE / "copyright", tmp / "copyright")
-        shutil.rmtree(unpacked)
-        (tmp / ".complete").write_text(f"{PACKAGE} {VERSION}\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = fetch_deb(PACKAGE, VERSION, SHA256, POOL_URL, cache,
+                       {"openclipart/png": "png", f"doc/{PACKAGE}/copyright": "copyright"})
     return folder / "png"
 
 
@@ -270,43 +191,6 @@ def captions_for(subject: str, phrase: str, folders: tuple[str, ...]) -> list[st
 # --- the builder -------------------------------------------------------------------------
 
 
-def _load(path: Path, size: int | None) -> Image.Image:
-    """RGB on white, downscaled to fit `size`. A picture of over 2**24 pixels is reduced before
-    it is composited (Pillow resizes RGBA premultiplied), so it never needs three full copies."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's hard cap still holds
-        try:
-            with Image.open(path) as raw:
-                if raw.width * raw.height <= (1 << 24):
-                    image = load_image(path)
-                else:
-                    raw.load()
-                    image = raw if raw.mode in ("RGBA", "LA", "RGB", "L") else raw.convert("RGBA")
-                    if size:
-                        image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-                    image = on_white(image)
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{path.name}: too many pixels to decode ({e})") from None
-    image = _crop(image)
-    if max(image.size) < MIN_SIDE:
-        raise ImageError(f"{path.name}: {image.width} x {image.height} pixels is too small to use")
-    if size and max(image.size) > size:
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return image
-
-
-def _crop(image: Image.Image) -> Image.Image:
-    """Cut white margins down to MARGIN (a small drawing on a big empty page fills the frame)."""
-    box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).convert("L").point(
-        lambda v: 255 if v > 8 else 0).getbbox()
-    if box is None:
-        return image
-    pad = round(MARGIN * max(box[2] - box[0], box[3] - box[1]))
-    box = (max(0, box[0] - pad), max(0, box[1] - pad), min(image.width, box[2] + pad),
-           min(image.height, box[3] + pad))
-    return image.crop(box) if box != (0, 0, *image.size) else image
-
-
 def _interleave(queues: list[list[str]]) -> list[str]:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
@@ -367,7 +251,7 @@ def build_clipart(out, *, cache=None, size: int | None = 256, per_category_cap: 
         target = out / "images" / rel
         if not target.exists():
             try:
-                save_png(_load(png / rel, size), target)
+                save_png(load_drawing(png / rel, size, min_side=MIN_SIDE), target)
                 written += 1
             except (ImageError, OSError, ValueError) as e:
                 skipped.append(str(e))

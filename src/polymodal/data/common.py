@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,11 +26,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 CAPTIONS = "captions.jsonl"
 CLIPS = "clips.jsonl"  # the clip sets' lines name `frames`, not an `image`, so the pair reader skips them
@@ -84,6 +87,25 @@ def split_of(key: str, *, salt: str, test_fraction: float = TEST_FRACTION) -> st
     return "test" if unit_hash(f"{salt}:{key}") < test_fraction else "train"
 
 
+def held_out_names(cache: Path) -> set[str]:
+    """The names of the emoji the emoji builder holds out (from emoji-datasource, fetched into
+    the cache). Builders of other sources put things of those names in their test split."""
+    from polymodal.data.emoji import emoji_records, emoji_split
+
+    return {e["name"] for key, e in emoji_records(cache).items() if emoji_split(key) == "test"}
+
+
+def split_beside(subject: str, held: set[str], *, salt: str) -> str:
+    """The split of a subject of a source mixed with emoji and clip art: test when it names a
+    held-out emoji (`held`, from `held_out_names`) or held-out clip art (hashed as the clip-art
+    builder hashes its subjects), else by its own hash under `salt`."""
+    from polymodal.data.clipart import SPLIT_SALT as CLIPART_SALT
+
+    if subject in held or split_of(subject, salt=CLIPART_SALT) == "test":
+        return "test"
+    return split_of(subject, salt=salt)
+
+
 def take(keys: Sequence[str], limit: int | None, is_test) -> list[str]:
     """The first `limit` of `keys` (in their order) with both splits in proportion: about
     TEST_FRACTION of them, at least one, from those where `is_test(key)`; all keys if no limit."""
@@ -134,8 +156,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """An RGB PNG, written atomically; the same pixels always give the same bytes."""
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
     write_atomic(path, buffer.getvalue())
@@ -197,6 +217,13 @@ def iconify_svg(data: dict, icon: dict) -> bytes:
             f'viewBox="{left} {top} {width} {height}" color="black">{icon["body"]}</svg>').encode()
 
 
+def _publish(tmp: Path, folder: Path, marker: str) -> None:
+    """Mark a finished unpacking complete and move it to its place in the cache."""
+    (tmp / ".complete").write_text(marker + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+
+
 def fetch_npm(package: str, version: str, integrity: str, cache: Path, wanted: Sequence[str]) -> Path:
     """The files of an npm package whose paths start with one of `wanted`, unpacked into the
     cache (fetched with `npm pack` the first time and checked against its pinned integrity)."""
@@ -228,12 +255,128 @@ def fetch_npm(package: str, version: str, integrity: str, cache: Path, wanted: S
                     m.name = name
                     members.append(m)
             tar.extractall(tmp, members=members, filter="data")
-        (tmp / ".complete").write_text(f"{package}@{version}\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
+        _publish(tmp, folder, f"{package}@{version}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _download_deb(package: str, version: str, pool_url: str, folder: Path) -> Path:
+    """`apt-get download` (after `apt-get update` if apt does not know the version and we are
+    root), else the Debian pool over HTTP. Returns the .deb inside `folder`."""
+    errors = []
+    try:
+        spec = f"{package}={version}"
+        try:
+            run_tool(["apt-get", "download", spec], cwd=folder, what=f"apt-get download {spec}")
+        except SourceError as e:
+            if isinstance(e, SourceUnavailable) or not hasattr(os, "geteuid") or os.geteuid() != 0:
+                raise
+            run_tool(["apt-get", "update"], cwd=folder, what="apt-get update")
+            run_tool(["apt-get", "download", spec], cwd=folder, what=f"apt-get download {spec}")
+        return next(folder.glob(f"{package}_*.deb"))
+    except (SourceError, StopIteration) as e:
+        errors.append(str(e) or "apt-get download left no .deb")
+    try:
+        path = folder / pool_url.rsplit("/", 1)[-1]
+        with urllib.request.urlopen(pool_url, timeout=60) as response, open(path, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+        return path
+    except OSError as e:
+        errors.append(f"{pool_url}: {e}")
+    raise SourceUnavailable(f"cannot fetch {package} {version}: " + "; ".join(errors))
+
+
+def _ar_data_tar(deb: Path) -> tarfile.TarFile:
+    """The data.tar.* member of a .deb (an `ar` archive), for machines without dpkg."""
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise SourceError(f"{deb}: not a Debian package")
+        while header := f.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            data = f.read(size + size % 2)[:size]
+            if name.startswith("data.tar"):
+                return tarfile.open(fileobj=io.BytesIO(data))
+    raise SourceError(f"{deb}: no data.tar member")
+
+
+def fetch_deb(package: str, version: str, sha256: str, pool_url: str, cache: Path, keep: dict[str, str]) -> Path:
+    """A Debian package's files, unpacked into the cache once: fetched with `apt-get download`
+    (no root install; straight from the Debian pool over HTTP when apt is missing or fails),
+    checked against its pinned SHA-256 and unpacked with `dpkg -x` (or a small ar + tar reader
+    where dpkg is missing). `keep` maps paths under the package's usr/share to the names they
+    get in the returned folder."""
+    root = cache / "apt"
+    folder = root / f"{package}-{version.split(':')[-1]}"
+    if (folder / ".complete").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    deb = root / pool_url.rsplit("/", 1)[-1]
+    if not deb.exists():
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            _download_deb(package, version, pool_url, Path(tmp)).replace(deb)
+    if file_digest(deb) != sha256:
+        deb.unlink()
+        raise SourceError(f"{deb.name}: SHA-256 does not match the pinned {sha256[:16]}...; "
+                          "removed it, run again to fetch it afresh")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{package}-"))
+    try:
+        unpacked = tmp / "x"
+        if shutil.which("dpkg"):
+            run_tool(["dpkg", "-x", str(deb), str(unpacked)], cwd=tmp, what=f"dpkg -x {deb.name}")
+        else:
+            with _ar_data_tar(deb) as tar:
+                tar.extractall(unpacked, filter="data")
+        share = unpacked / "usr" / "share"
+        for source, name in keep.items():
+            (share / source).replace(tmp / name)
+        shutil.rmtree(unpacked)
+        _publish(tmp, folder, f"{package} {version}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def crop_white(image: Image.Image, margin: float = 0.04) -> Image.Image:
+    """Cut white margins down to `margin` of the content's longer side (a small drawing on a big
+    empty page fills the frame)."""
+    box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).convert("L").point(
+        lambda v: 255 if v > 8 else 0).getbbox()
+    if box is None:
+        return image
+    pad = round(margin * max(box[2] - box[0], box[3] - box[1]))
+    box = (max(0, box[0] - pad), max(0, box[1] - pad), min(image.width, box[2] + pad),
+           min(image.height, box[3] + pad))
+    return image.crop(box) if box != (0, 0, *image.size) else image
+
+
+def load_drawing(path: Path, size: int | None, *, min_side: int = 24) -> Image.Image:
+    """A picture file as RGB on white, its white margins cropped, downscaled to fit `size` (never
+    enlarged). A picture of over 2**24 pixels is reduced before it is composited (Pillow resizes
+    RGBA premultiplied), so it never needs three full copies; one whose content is under
+    `min_side` pixels is refused (ImageError)."""
+    from polymodal.processing.image import ImageError, load_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's hard cap still holds
+        try:
+            with Image.open(path) as raw:
+                if raw.width * raw.height <= (1 << 24):
+                    image = load_image(path)
+                else:
+                    raw.load()
+                    image = raw if raw.mode in ("RGBA", "LA", "RGB", "L") else raw.convert("RGBA")
+                    if size:
+                        image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                    image = on_white(image)
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{path.name}: too many pixels to decode ({e})") from None
+    image = crop_white(image)
+    if max(image.size) < min_side:
+        raise ImageError(f"{path.name}: {image.width} x {image.height} pixels is too small to use")
+    if size and max(image.size) > size:
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return image
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -133,6 +133,16 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: S
     return out
 
 
+def recall_by_text(image_embeds: np.ndarray, text_embeds: np.ndarray, relevant: Sequence[Sequence[int]],
+                   ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Text -> image R@k when a query has several right images (a subject drawn several times):
+    a query is a hit when any of its `relevant[j]` images is among the k best."""
+    sim = text_embeds @ image_embeds.T  # (N_txt, N_img)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    first = np.array([np.flatnonzero(np.isin(order[j], list(r)))[0] for j, r in enumerate(relevant)])
+    return {f"text_to_image_R@{k}": float((first < k).mean()) for k in ks}
+
+
 def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", label_key: str | None = "category",
                     templates: Sequence[str] = TEMPLATES, where: dict[str, str] | None = None,
                     text_key: str | None = None, label_names: dict[str, str] | None = None,
@@ -147,6 +157,8 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     captions, once per image. label_names: the words prompts use for labels ({"2": "two"}).
     subclasses: a label's narrower names, scored with it (`class_scores`).
     members: names of things each label holds; the labels are then found by their vote (`member_votes`).
+    With `text_key`, "retrieval" scores each (image, query) pair against its own image, and
+    "retrieval_by_text" each distinct query against all the images it names (`recall_by_text`).
     Bad images are skipped (reported to `on_error`) and counted."""
     from polymodal.data.pairs import PairDataset
 
@@ -166,6 +178,13 @@ def evaluate_folder(embedder: Embedder, root, *, split: str | None = "test", lab
     text_embeds = embedder.encode_text([t for _, t in texts], progress=progress)
     report: dict = {"images": len(result.ok), "texts": len(texts), "skipped": len(result.errors),
                     "retrieval": recall_at_k(result.vectors, text_embeds, [position[i] for i, _ in texts])}
+    if text_key:  # each distinct query once, right when any image it names is found
+        relevant: dict[str, set[int]] = {}
+        for i, t in texts:
+            relevant.setdefault(t, set()).add(position[i])
+        first = {t: n for n, (_, t) in reversed(list(enumerate(texts)))}
+        report["retrieval_by_text"] = {"queries": len(relevant), **recall_by_text(
+            result.vectors, text_embeds[[first[t] for t in relevant]], list(relevant.values()))}
     labels: dict[str, str] = {}
     for p in pairs:
         if label_key and label_key in p.meta:
