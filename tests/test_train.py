@@ -208,7 +208,7 @@ def test_lit_with_a_locked_pretrained_text_tower(shapes_data, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["default-clip", "default-clip-v2", "default-clip-v3", "default-clip-v4",
-                                  "default-clip-v5", "default-clip-v6"])
+                                  "default-clip-v5", "default-clip-v6", "default-clip-v7"])
 def test_the_default_clip_recipes_read_back(name):
     """Each recipe of the default CLIP's chain is a valid TrainConfig (`train clip --config NAME`)."""
     from polymodal.cli.train import recipe_path

