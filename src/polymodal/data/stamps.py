@@ -1,4 +1,4 @@
-"""Tux Paint's stamps (Debian's tuxpaint-stamps-default, GPL-2): about 900 pictures of things,
+"""Tux Paint's stamps (Debian's tuxpaint-stamps-default, GPL-2): about 800 pictures of things,
 many of them photographs cut out on transparency (a husky, a lion, a blackbird, an orange, a
 traffic cone), the rest drawings, each with a one-line English description written for
 children ("A white kitten.") and filed by subject (`animals/mammals/cats/kitten.svg`).
