@@ -3,13 +3,16 @@
     .venv/bin/python bench/eval_default_clip.py --emoji DATA/emoji --clipart DATA/clipart --scenes DATA/scenes
 
 DATA/emoji must hold the Apple style too (`polymodal data emoji DATA/emoji --style google
---style twitter --style openmoji --style apple`). Prints one JSON document.
+--style twitter --style openmoji --style apple`). Prints one JSON document, then (to stderr) the
+MODEL_CARD's table rows. `--stamps DATA/stamps` (`polymodal data stamps`) adds Tux Paint's held-out
+subjects, each asked once by name (found when any of its pictures is among the ten best).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -148,6 +151,7 @@ def main() -> None:
     ap.add_argument("--emoji", required=True)
     ap.add_argument("--clipart", required=True)
     ap.add_argument("--scenes", required=True)
+    ap.add_argument("--stamps", default=None)
     args = ap.parse_args()
     embedder = polymodal.load(args.model)
 
@@ -190,7 +194,35 @@ def main() -> None:
         embedder, args.scenes, split="test", label_key="count", templates=("{} shapes", "{} objects"),
         label_names={"1": "one", "2": "two", "3": "three", "4": "four"}), True)
     figures["scenes_negatives"] = negative_preference(embedder, args.scenes)
+    if args.stamps:
+        figures["stamps_subjects"] = summary(evaluate_folder(embedder, args.stamps, split="test", label_key=None,
+                                                             text_key="name"))
     print(json.dumps(figures, indent=1))
+    print(table(figures), file=sys.stderr)
+
+
+def table(figures: dict) -> str:
+    """The MODEL_CARD's rows (styles in the order Google / Twitter / OpenMoji / Apple held out)."""
+    styles = ("google", "twitter", "openmoji", "apple")
+
+    def row(values) -> str:
+        return " / ".join(f"{v:.3f}" for v in values)
+
+    apple, clipart = figures["emoji_apple_all"], figures["clipart_subjects"]
+    lines = [
+        f"through member names | {row(figures['emoji_member_names'][s]['accuracy'] for s in styles)}",
+        f"category prompts | {row(figures['emoji_heldout'][s]['zero_shot_accuracy'] for s in styles)}",
+        f"text->image R@10, names | {row(figures['emoji_names'][s]['text_to_image_R@10'] for s in styles)}",
+        f"all Apple: zero-shot / R@10 | {apple['zero_shot_accuracy']:.3f} / {apple['text_to_image_R@10']:.3f}",
+        f"clip art R@10, per picture / by subject | {clipart['text_to_image_R@10']:.3f} / "
+        f"{clipart['by_query']['text_to_image_R@10']:.3f}",
+        f"scenes colour / shape / count | {figures['scenes_colour']['zero_shot_accuracy']:.3f} / "
+        f"{figures['scenes_shape']['zero_shot_accuracy']:.3f} / {figures['scenes_count']['zero_shot_accuracy']:.3f}",
+        "synonyms that hit | " + ", ".join(q for q, r in figures["synonyms"]["queries"].items() if r["hit"]),
+    ]
+    if "stamps_subjects" in figures:
+        lines.append(f"held-out stamps, R@10 by subject | {figures['stamps_subjects']['by_query']['text_to_image_R@10']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
