@@ -21,42 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_binding import COLOUR_NAMES, load_run, run_probe  # noqa: E402
+from probe_binding import load_run, run_probe  # noqa: E402
 
-from polymodal.data.scenes import SHAPES  # noqa: E402
 from polymodal.models.blip2 import read_image  # noqa: E402
-
-SIZES = ("small", "large")
-NO_OBJECT = len(SIZES) * len(COLOUR_NAMES) * len(SHAPES)  # 64 phrases, then "no object"
-
-
-def phrase(obj: dict) -> int:
-    return (SIZES.index(obj["size"]) * len(COLOUR_NAMES) + COLOUR_NAMES.index(obj["colour"])) * len(SHAPES) \
-        + SHAPES.index(obj["shape"])
-
-
-def set_loss(logp: torch.Tensor, centres: torch.Tensor, scenes: list[list[dict]], box_weight: float = 5.0,
-             empty_weight: float = 0.1) -> torch.Tensor:
-    """logp (B, Q, 65) phrase log-probabilities, centres (B, Q, 2) in [0, 1]: the matched queries name
-    their object and its centre; the others say "no object" (weighted empty_weight)."""
-    weight = torch.ones(NO_OBJECT + 1)
-    weight[NO_OBJECT] = empty_weight
-    total = logp.new_zeros(())
-    for b, objs in enumerate(scenes):
-        classes = torch.tensor([phrase(o) for o in objs])
-        where = torch.tensor([[o["x"], o["y"]] for o in objs])
-        cost = -logp[b][:, classes] + box_weight * torch.cdist(centres[b], where, p=1)
-        rows, cols = linear_sum_assignment(cost.detach().numpy())
-        target = torch.full((logp.shape[1],), NO_OBJECT)
-        target[rows] = classes[cols]
-        total = total + F.nll_loss(logp[b], target, weight=weight)
-        total = total + box_weight * (centres[b][rows] - where[cols]).abs().sum() / len(objs)
-    return total / len(scenes)
+from polymodal.train.scene_tower import NO_OBJECT, set_loss  # noqa: E402
 
 
 def main() -> None:

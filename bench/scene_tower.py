@@ -17,9 +17,9 @@ questions only) it asks every type, position and yes/no included.
 **The object-set fine-tune** (`--finetune N`) trains the tower itself, with a DETR-style head (16
 queries, 2 decoder layers) on its tokens: each drawn object must be claimed by one query, which names
 its phrase (size x colour x shape) and its centre, paired by Hungarian matching
-(bench/object_set_queries.py's loss). With `--keep DIR` (a data set of other pictures: emoji, clip
-art) a second term holds the tower's tokens on those pictures to the starting tower's, so what the
-captions need is not forgotten. Then the probe runs again on the tuned tower, and `--save DIR` writes
+(`polymodal.train.scene_tower`, which the VLM recipe's "tower" stage runs). With `--keep DIR` (a data
+set of other pictures: emoji, clip art) a second term holds the tower's tokens on those pictures to the
+starting tower's, so what the captions need is not forgotten. Then the probe runs again on the tuned tower, and `--save DIR` writes
 it as a CLIP of our format (the start's text side, the tuned vision side), which a VLM recipe's
 `"vision"` can name.
 """
@@ -27,11 +27,8 @@ it as a CLIP of our format (the start's text side, the tuned vision side), which
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -39,12 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from object_set_queries import NO_OBJECT, set_loss  # noqa: E402
-
-from polymodal.checkpoints.vlm_io import load_vision, vision_file  # noqa: E402
-from polymodal.models.blip2 import image_features  # noqa: E402
-from polymodal.processing.image import load_image, preprocess  # noqa: E402
+from polymodal.checkpoints.vlm_io import load_vision, vision_file
+from polymodal.models.blip2 import image_features
+from polymodal.processing.image import load_image, preprocess
+from polymodal.train.scene_tower import tune_tower
 
 TYPES = ("colour", "count", "position", "shape", "yes/no")
 
@@ -156,22 +151,6 @@ def random_pick(items: list, rng: random.Random):
     return items[rng.randrange(len(items))]
 
 
-class ObjectHead(nn.Module):
-    """16 learned queries read the tower's tokens through 2 decoder layers; each names a phrase (or
-    no object) and a centre."""
-
-    def __init__(self, width: int, queries: int = 16):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, 2)
-        self.phrase, self.centre = nn.Linear(width, NO_OBJECT + 1), nn.Linear(width, 2)
-
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.decoder(self.queries.expand(tokens.shape[0], -1, -1), tokens)
-        return self.phrase(h).float().log_softmax(-1), self.centre(h).float().sigmoid()
-
-
 def keep_paths(folder: Path) -> list[str]:
     paths = set()
     with open(folder / "captions.jsonl", encoding="utf-8") as f:
@@ -180,47 +159,6 @@ def keep_paths(folder: Path) -> list[str]:
             if row.get("split") == "train":
                 paths.add(str(folder / row["image"]))
     return sorted(paths)
-
-
-def finetune(visual, transform, train: list[dict], *, steps: int, batch: int, lr: float, keep: list[str],
-             keep_weight: float, seed: int) -> None:
-    """The object-set fine-tune of `visual`, in place (bf16 autocast)."""
-    rng = random.Random(seed)
-    start = copy.deepcopy(visual).eval().requires_grad_(False)
-    head = ObjectHead(visual.cfg.width)
-    opt = torch.optim.AdamW([{"params": visual.parameters(), "lr": lr},
-                             {"params": head.parameters(), "lr": 5 * lr}], weight_decay=0.05)
-    peak = [g["lr"] for g in opt.param_groups]
-    visual.train()
-    t0, seen = time.time(), []
-    for step in range(1, steps + 1):
-        scale = min(1.0, step / 50) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-        for g, p in zip(opt.param_groups, peak, strict=True):
-            g["lr"] = p * scale
-        picked = [train[rng.randrange(len(train))] for _ in range(batch)]
-        pixels = preprocess([load_image(s["image"]) for s in picked], transform)
-        with torch.autocast("cpu", torch.bfloat16):
-            logp, centres = head(image_features(visual, pixels))
-        loss = set_loss(logp, centres, [s["objects"] for s in picked])
-        held = torch.zeros(())
-        if keep:
-            other = preprocess([load_image(keep[rng.randrange(len(keep))]) for _ in range(batch // 2)], transform)
-            with torch.no_grad():
-                target = image_features(start, other).float()
-            with torch.autocast("cpu", torch.bfloat16):
-                now = image_features(visual, other)
-            held = F.mse_loss(now.float(), target)
-        total = loss + keep_weight * held
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([*visual.parameters(), *head.parameters()], 1.0)
-        opt.step()
-        seen.append((loss.item(), held.item()))
-        if step % 100 == 0 or step == steps:
-            a, b = (sum(x) / len(seen) for x in zip(*seen, strict=True))
-            print(f"  tune step {step}: object-set loss {a:.3f}, keep {b:.2e} ({time.time() - t0:.0f} s)", flush=True)
-            seen = []
-    visual.eval()
 
 
 def save_tower(visual, start_ref: str, out: Path) -> None:
@@ -267,8 +205,15 @@ def main() -> None:
         probe(f"the tower of {args.tower}")
     if args.finetune:
         keep = keep_paths(Path(args.keep)) if args.keep else []
-        finetune(visual, transform, train, steps=args.finetune, batch=args.batch_size, lr=args.lr, keep=keep,
-                 keep_weight=args.keep_weight, seed=args.seed)
+        t0 = time.time()
+
+        def log(step: int, row: dict) -> None:
+            if step % 100 == 0 or step == args.finetune:
+                print(f"  tune step {step}: object-set loss {row['object_loss']:.3f}, keep {row['keep_loss']:.2e} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+
+        tune_tower(visual, transform, train, keep, steps=args.finetune, batch_size=args.batch_size, lr=args.lr,
+                   keep_weight=args.keep_weight, bf16=True, seed=args.seed, on_step=log)
         if args.save:
             save_tower(visual, args.tower, Path(args.save))
         probe(f"the tower of {args.tower} after {args.finetune} object-set steps")
