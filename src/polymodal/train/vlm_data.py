@@ -24,8 +24,8 @@ def _dataset_of(row: dict) -> str:
 
 def load_examples(folder: str | Path, split: str = "train") -> list[dict]:
     """One example per image of `split`: {"image" (path), "dataset", "captions" [...], "qa" [{q, a, type}],
-    "name" (emoji and clip-art subjects)}. Scenes bring their question-answer pairs; emoji and clip
-    art are asked what they are (their name)."""
+    "name" (emoji and clip-art subjects), "objects" (a scene's, else None)}. Scenes bring their
+    question-answer pairs; emoji and clip art are asked what they are (their name)."""
     folder = Path(folder)
     by_image: dict[str, dict] = {}
     with open(folder / "captions.jsonl", encoding="utf-8") as f:
@@ -35,7 +35,8 @@ def load_examples(folder: str | Path, split: str = "train") -> list[dict]:
                 continue
             ex = by_image.setdefault(row["image"], {
                 "image": str(folder / row["image"]), "dataset": _dataset_of(row), "captions": [],
-                "qa": list(row.get("qa") or []), "name": row.get("name") or row.get("subject")})
+                "qa": list(row.get("qa") or []), "name": row.get("name") or row.get("subject"),
+                "objects": row.get("objects")})
             if row["text"] not in ex["captions"]:
                 ex["captions"].append(row["text"])
     return list(by_image.values())
