@@ -5,7 +5,8 @@ objective on the tower itself teach it more?
     python bench/scene_tower.py --scenes data/scenes36k --finetune 2000 --save runs/tower1 [--keep data/emoji4]
     python bench/scene_tower.py --scenes data/scenes36k --tower runs/tower1           # probe a saved tower
 
-An experiment for the default VLM (MODEL_CARD.md, issue 10), not a recipe option.
+An experiment for the default VLM (MODEL_CARD.md, issue 10); the fine-tune is also the VLM recipe's
+"tower" stage.
 
 **The QA probe** is an upper bound of what any bridge can answer from the tower's tokens: a small
 transformer (2 pre-norm layers, width 128) reads the question's words (a learned embedding of the
@@ -19,15 +20,14 @@ queries, 2 decoder layers) on its tokens: each drawn object must be claimed by o
 its phrase (size x colour x shape) and its centre, paired by Hungarian matching
 (`polymodal.train.scene_tower`, which the VLM recipe's "tower" stage runs). With `--keep DIR` (a data
 set of other pictures: emoji, clip art) a second term holds the tower's tokens on those pictures to the
-starting tower's, so what the captions need is not forgotten. Then the probe runs again on the tuned tower, and `--save DIR` writes
-it as a CLIP of our format (the start's text side, the tuned vision side), which a VLM recipe's
+starting tower's, so what the captions need is not forgotten. Then the probe runs again on the tuned
+tower, and `--save DIR` writes it as a CLIP of our format (the start's text side, the tuned vision side), which a VLM recipe's
 `"vision"` can name.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -36,25 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.checkpoints.vlm_io import load_vision, vision_file
+from polymodal.checkpoints.vlm_io import load_vision
 from polymodal.models.blip2 import image_features
 from polymodal.processing.image import load_image, preprocess
-from polymodal.train.scene_tower import tune_tower
+from polymodal.train.scene_tower import save_tuned_tower, tune_tower
+from polymodal.train.vlm_data import load_examples
 
 TYPES = ("colour", "count", "position", "shape", "yes/no")
 
 
 def read_scenes(folder: Path) -> tuple[list[dict], list[dict]]:
-    """(train, test) scenes of a scenes data set: one record per picture (path, objects, qa)."""
-    seen, out = set(), {"train": [], "test": []}
-    with open(folder / "captions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["image"] in seen or "objects" not in row:
-                continue
-            seen.add(row["image"])
-            out[row["split"]].append({"image": str(folder / row["image"]), "objects": row["objects"], "qa": row["qa"]})
-    return out["train"], out["test"]
+    """(train, test) scenes of a scenes data set: one example per picture (image, objects, qa)."""
+    return tuple([ex for ex in load_examples(folder, split) if ex["objects"]] for split in ("train", "test"))
 
 
 def tower_tokens(visual, transform, paths: list[str], batch: int = 256) -> torch.Tensor:
@@ -134,7 +127,7 @@ def run_probe(fit_vectors: torch.Tensor, fit: list, test_vectors: torch.Tensor, 
     print(f"{what}: {len(fit)} questions to fit, {len(scored)} held out", flush=True)
     t0, result = time.time(), {}
     for step in range(1, steps + 1):
-        batch = [random_pick(by_type[TYPES[rng.randrange(len(TYPES))]], rng) for _ in range(64)]
+        batch = [rng.choice(by_type[rng.choice(TYPES)]) for _ in range(64)]
         logits = probe(fit_vectors[[i for i, *_ in batch]], encode([q for _, q, _, _ in batch]))
         loss = F.cross_entropy(logits, torch.tensor([answers.index(a) for _, _, a, _ in batch]))
         opt.zero_grad()
@@ -147,28 +140,8 @@ def run_probe(fit_vectors: torch.Tensor, fit: list, test_vectors: torch.Tensor, 
     return result
 
 
-def random_pick(items: list, rng: random.Random):
-    return items[rng.randrange(len(items))]
-
-
 def keep_paths(folder: Path) -> list[str]:
-    paths = set()
-    with open(folder / "captions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("split") == "train":
-                paths.add(str(folder / row["image"]))
-    return sorted(paths)
-
-
-def save_tower(visual, start_ref: str, out: Path) -> None:
-    """The start's CLIP with `visual` as its vision side, in our format."""
-    from polymodal.checkpoints.pretrained import load_clip, save_pretrained
-
-    clip, tokenizer = load_clip(vision_file(start_ref).parent)
-    clip.visual.load_state_dict(visual.state_dict())
-    save_pretrained(clip, out, tokenizer)
-    print(f"saved the tuned tower as a CLIP: {out}")
+    return [ex["image"] for ex in load_examples(folder, "train")]
 
 
 def main() -> None:
@@ -215,7 +188,7 @@ def main() -> None:
         tune_tower(visual, transform, train, keep, steps=args.finetune, batch_size=args.batch_size, lr=args.lr,
                    keep_weight=args.keep_weight, bf16=True, seed=args.seed, on_step=log)
         if args.save:
-            save_tower(visual, args.tower, Path(args.save))
+            print(f"saved the tuned tower as a CLIP: {save_tuned_tower(visual, args.tower, Path(args.save))}")
         probe(f"the tower of {args.tower} after {args.finetune} object-set steps")
 
 

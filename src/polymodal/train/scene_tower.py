@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,8 @@ def tune_tower(visual, transform, scenes: list[dict], keep: list[str], *, steps:
                on_step: Callable[[int, dict], None] | None = None):
     """The object-set fine-tune of `visual` in place: `scenes` are {"image", "objects"}, `keep` the
     paths of other pictures whose tokens are held to the starting tower's (half a batch a step).
-    AdamW, the head at 5 x lr, a linear warmup then a cosine to 0 (a recipe's min_lr is not used). Returns `visual`, in eval mode."""
+    AdamW, the head at 5 x lr, a linear warmup then a cosine to 0 (a recipe's min_lr is not used).
+    Returns `visual`, in eval mode."""
     if not scenes:
         raise ValueError("the tower stage needs scenes with their objects (polymodal data scenes)")
     rng = random.Random(seed)
@@ -115,3 +118,45 @@ def tune_tower(visual, transform, scenes: list[dict], keep: list[str], *, steps:
             on_step(step, {"loss": loss.item(), "object_loss": objects.item(), "keep_loss": held.item(),
                            "lr": opt.param_groups[0]["lr"]})
     return visual.eval().requires_grad_(False)
+
+
+def save_tuned_tower(visual, source_ref: str, out: Path) -> Path:
+    """The CLIP that `source_ref` names (its config and tokenizer files), its vision side replaced by
+    `visual`, written to `out` in our format (through a temporary folder, so `out` is whole or absent)."""
+    from safetensors.torch import save_file
+
+    from polymodal.checkpoints.state import read_state_dict
+    from polymodal.checkpoints.vlm_io import vision_file
+
+    source, out = vision_file(source_ref), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source.parent, tmp, ignore=shutil.ignore_patterns("model.safetensors", "*.jsonl"))
+    state = read_state_dict(source)
+    state.update({f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()})
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
+    tmp.replace(out)
+    return out
+
+
+def tower_stage(recipe, data, out: Path, log: Callable[[dict], None]) -> Path:
+    """A VLM recipe's tower stage (`recipe.tower`, `recipe.tower_keep`; train/vlm.py): recipe.vision's
+    CLIP with its tower tuned on the training scenes' objects, the other training pictures kept, saved
+    in out/tower, which then stands for recipe.vision. A rerun reuses it once it is saved (a run killed
+    inside this stage starts it again)."""
+    from polymodal.checkpoints.vlm_io import load_vision
+    from polymodal.train.vlm_data import load_examples
+
+    where = Path(out) / "tower"
+    if (where / "model.safetensors").is_file():
+        log({"stage": "tower", "reused": str(where)})
+        return where
+    visual, transform = load_vision(recipe.vision)
+    examples = load_examples(data, "train")
+    stage = recipe.tower
+    tune_tower(visual, transform, [ex for ex in examples if ex["objects"]],
+               [ex["image"] for ex in examples if not ex["objects"]], steps=stage.steps,
+               batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup, weight_decay=stage.weight_decay,
+               keep_weight=recipe.tower_keep, bf16=stage.bf16, seed=recipe.seed,
+               on_step=lambda step, row: log({"stage": "tower", "step": step, **row}))
+    return save_tuned_tower(visual, recipe.vision, where)

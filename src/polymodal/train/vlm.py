@@ -327,43 +327,6 @@ def _checkpoints(out: Path, model, stage: str, metrics: Path, every: int, steps:
     return resume, save
 
 
-def tower_stage(recipe: VLMRecipe, data: str | Path, out: Path, metrics: Path) -> Path:
-    """The recipe's tower stage (train/scene_tower.py): recipe.vision's CLIP with its tower tuned on the
-    training scenes' objects, saved in our format in out/tower, which then stands for recipe.vision.
-    A rerun reuses it once it is saved (a run killed inside this stage starts it again)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from polymodal.checkpoints.state import read_state_dict
-    from polymodal.checkpoints.vlm_io import load_vision, vision_file
-    from polymodal.train.scene_tower import tune_tower
-
-    where = out / "tower"
-    if (where / "model.safetensors").is_file():
-        _log(metrics, {"stage": "tower", "reused": str(where)})
-        return where
-    visual, transform = load_vision(recipe.vision)
-    examples = load_examples(data, "train")
-    scenes = [ex for ex in examples if ex.get("objects")]
-    keep = [ex["image"] for ex in examples if not ex.get("objects")]
-    stage = recipe.tower
-    tune_tower(visual, transform, scenes, keep, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr,
-               warmup=stage.warmup, weight_decay=stage.weight_decay, keep_weight=recipe.tower_keep, bf16=stage.bf16,
-               seed=recipe.seed,
-               on_step=lambda step, row: _log(metrics, {"stage": "tower", "step": step, **row}))
-    # the starting CLIP's files (config, tokenizer), its vision side replaced by the tuned tower
-    source = vision_file(recipe.vision)
-    tmp = out / "tower.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source.parent, tmp, ignore=shutil.ignore_patterns("model.safetensors", "*.jsonl"))
-    state = read_state_dict(source)
-    state.update({f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()})
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
-    tmp.replace(where)
-    return where
-
-
 def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
               on_step: Callable[[str, int, dict], None] | None = None,
               on_features: Callable[[int, int], None] | None = None,
@@ -384,7 +347,9 @@ def train_vlm(recipe: VLMRecipe, data: str | Path, out: str | Path, *,
     if not (out / "stage1.safetensors").is_file() and not (out / "stage1-state.safetensors").is_file():
         metrics.write_text("")  # a fresh run: else a rerun goes on where the last one stopped
     if recipe.tower is not None:
-        recipe = replace(recipe, vision=str(tower_stage(recipe, data, out, metrics)))
+        from polymodal.train.scene_tower import tower_stage
+
+        recipe = replace(recipe, vision=str(tower_stage(recipe, data, out, lambda row: _log(metrics, row))))
     torch.manual_seed(recipe.seed)
     stage1, stage2, lm_tokenizer, template, qtok = build_models(recipe)
     examples = load_examples(data, "train")
