@@ -106,7 +106,8 @@ def main() -> None:
     held = [it for kind in sorted(by_kind) for it in by_kind[kind][:args.per_type]]
     shown = sorted({i for i, *_ in held})
     at = {i: k for k, i in enumerate(shown)}
-    held_features, _ = vision_features(stage1.visual, [test[i]["image"] for i in shown], stage1.cfg.image_transform)
+    held_features, _ = vision_features(stage1.visual, [test[i]["image"] for i in shown], stage1.cfg.image_transform,
+                                       slots=stage1.slots)
     print(f"{len(items)} training questions, {len(held)} held out, {len(answers)} answer tokens", flush=True)
 
     answer_embeds = model.lm.token_embed.weight.detach()[answers]

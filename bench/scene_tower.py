@@ -4,6 +4,7 @@ objective on the tower itself teach it more?
     python bench/scene_tower.py --scenes data/scenes36k                              # probe the default tower
     python bench/scene_tower.py --scenes data/scenes36k --finetune 2000 --save runs/tower1 [--keep data/emoji4]
     python bench/scene_tower.py --scenes data/scenes36k --tower runs/tower1           # probe a saved tower
+    python bench/scene_tower.py --scenes data/scenes36k --tower runs/vlm20/tower --slots   # probe its object slots
 
 An experiment for the default VLM (MODEL_CARD.md, issue 10); the fine-tune is also the VLM recipe's
 "tower" stage.
@@ -22,7 +23,10 @@ its phrase (size x colour x shape) and its centre, paired by Hungarian matching
 set of other pictures: emoji, clip art) a second term holds the tower's tokens on those pictures to the
 starting tower's, so what the captions need is not forgotten. Then the probe runs again on the tuned
 tower, and `--save DIR` writes it as a CLIP of our format (the start's text side, the tuned vision side), which a VLM recipe's
-`"vision"` can name.
+`"vision"` can name, with the object head's slots beside it (slots.safetensors).
+
+`--slots` probes the object slots (models/slots.py) saved beside a tuned tower instead of its tokens:
+16 vectors, each one object's, which a VLM recipe with `"tower_slots": true` gives its Q-Former.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import nn
 from polymodal.checkpoints.vlm_io import load_vision
 from polymodal.models.blip2 import image_features
 from polymodal.processing.image import load_image, preprocess
-from polymodal.train.scene_tower import save_tuned_tower, tune_tower
+from polymodal.train.scene_tower import load_slots, save_tuned_tower, tune_tower
 from polymodal.train.vlm_data import load_examples
 
 TYPES = ("colour", "count", "position", "shape", "yes/no")
@@ -50,14 +54,16 @@ def read_scenes(folder: Path) -> tuple[list[dict], list[dict]]:
     return tuple([ex for ex in load_examples(folder, split) if ex["objects"]] for split in ("train", "test"))
 
 
-def tower_tokens(visual, transform, paths: list[str], batch: int = 256) -> torch.Tensor:
-    """image_features (N, tokens, width) of the pictures, as a VLM reads them."""
+def tower_tokens(visual, transform, paths: list[str], batch: int = 256, slots=None) -> torch.Tensor:
+    """image_features (N, tokens, width) of the pictures, as a VLM reads them; with `slots`, the object
+    slots alone (N, slots, width)."""
     visual.eval()
     out = []
     with torch.no_grad():
         for k in range(0, len(paths), batch):
             pixels = preprocess([load_image(p) for p in paths[k:k + batch]], transform)
-            out.append(image_features(visual, pixels).float())
+            feats = image_features(visual, pixels, slots=slots).float()
+            out.append(feats if slots is None else feats[:, -len(slots.queries):])
     return torch.cat(out)
 
 
@@ -152,6 +158,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000, help="held-out scenes the probe is scored on")
     ap.add_argument("--probe-steps", type=int, default=3000)
     ap.add_argument("--no-probe-first", action="store_true", help="skip the probe of the starting tower")
+    ap.add_argument("--slots", action="store_true", help="probe the object slots saved beside --tower, not its tokens")
     ap.add_argument("--finetune", type=int, default=0, help="object-set fine-tune steps (0: none)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -166,16 +173,17 @@ def main() -> None:
     test = random.Random(args.seed + 1).sample(test, min(args.test, len(test)))
     fit, scored = questions(probe_train), questions(test)
     visual, transform = load_vision(args.tower)
+    slots = load_slots(args.tower) if args.slots else None
 
     def probe(what: str) -> None:
         t0 = time.time()
-        fv = tower_tokens(visual, transform, [s["image"] for s in probe_train])
-        tv = tower_tokens(visual, transform, [s["image"] for s in test])
+        fv = tower_tokens(visual, transform, [s["image"] for s in probe_train], slots=slots)
+        tv = tower_tokens(visual, transform, [s["image"] for s in test], slots=slots)
         print(f"{what}: tokens of {len(probe_train)} + {len(test)} scenes ({time.time() - t0:.0f} s)", flush=True)
         run_probe(fv, fit, tv, scored, steps=args.probe_steps, seed=args.seed, what=what)
 
     if not args.no_probe_first:
-        probe(f"the tower of {args.tower}")
+        probe(f"the {'object slots' if slots is not None else 'tower'} of {args.tower}")
     if args.finetune:
         keep = keep_paths(Path(args.keep)) if args.keep else []
         t0 = time.time()
@@ -185,10 +193,10 @@ def main() -> None:
                 print(f"  tune step {step}: object-set loss {row['object_loss']:.3f}, keep {row['keep_loss']:.2e} "
                       f"({time.time() - t0:.0f} s)", flush=True)
 
-        tune_tower(visual, transform, train, keep, steps=args.finetune, batch_size=args.batch_size, lr=args.lr,
+        visual, tuned_slots = tune_tower(visual, transform, train, keep, steps=args.finetune, batch_size=args.batch_size, lr=args.lr,
                    keep_weight=args.keep_weight, bf16=True, seed=args.seed, on_step=log)
         if args.save:
-            print(f"saved the tuned tower as a CLIP: {save_tuned_tower(visual, args.tower, Path(args.save))}")
+            print(f"saved the tuned tower as a CLIP: {save_tuned_tower(visual, args.tower, Path(args.save), tuned_slots)}")
         probe(f"the tower of {args.tower} after {args.finetune} object-set steps")
 
 

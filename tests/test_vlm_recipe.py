@@ -18,7 +18,7 @@ from polymodal.checkpoints.gguf import save_lm
 from polymodal.checkpoints.pretrained import save_pretrained
 from polymodal.checkpoints.state import CheckpointError, read_state_dict
 from polymodal.checkpoints.vlm_io import load_vlm_checkpoint
-from polymodal.config import Blip2Config, LMConfig, QFormerConfig, preset
+from polymodal.config import Blip2Config, ConfigError, LMConfig, QFormerConfig, preset
 from polymodal.data.scenes import build_scenes
 from polymodal.models.blip2 import Blip2
 from polymodal.models.clip import CLIP
@@ -648,6 +648,33 @@ def test_tower_stage_teaches_the_tower_the_scenes_objects_and_the_vlm_reads_the_
     train_vlm(r, parts / "scenes", out)  # a rerun: the tower is not trained again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"stage": "tower", "reused": str(out / "tower")} in rows
+
+
+def test_tower_slots_are_saved_with_the_tower_and_read_by_the_q_former_after_its_tokens(parts, tmp_path):
+    """recipe "tower_slots": the tower stage's object slots are saved beside the tuned tower, frozen
+    through both stages, saved with the VLM's own weights, and the Q-Former reads [tokens; slots]."""
+    from polymodal.models.blip2 import image_features, read_image
+    from polymodal.train.scene_tower import SLOTS_FILE
+
+    r = recipe(parts, tower=StageConfig(steps=6, batch_size=8, lr=1e-3, warmup=1), tower_slots=True,
+               stage1=StageConfig(steps=2, batch_size=8, lr=1e-3), stage2=StageConfig(steps=2, batch_size=4, lr=1e-3))
+    out = train_vlm(r, parts / "scenes", tmp_path / "vlm")
+    saved = read_state_dict(out / "tower" / SLOTS_FILE)
+    model, *_ = load_vlm_checkpoint(out)
+    assert model.cfg.object_slots == saved["queries"].shape[0] == 16
+    assert all(torch.equal(v, saved[k]) for k, v in model.slots.state_dict().items())  # frozen: bit-identical
+    pixels = torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    with torch.no_grad():
+        tokens = image_features(model.visual, pixels)
+        features = read_image(model, pixels, None, False)
+        assert features.shape == (2, tokens.shape[1] + 16, tokens.shape[2])
+        torch.testing.assert_close(features[:, :tokens.shape[1]], tokens)
+        torch.testing.assert_close(features[:, tokens.shape[1]:], model.slots(tokens))
+    with pytest.raises(ConfigError, match="tiles"):
+        model.cfg.replace(tiles=2)
+    no_slots = recipe(parts, tower_slots=True, stage1=StageConfig(steps=1, batch_size=8, lr=1e-3))
+    with pytest.raises(CheckpointError, match="object slots"):
+        train_vlm(no_slots, parts / "scenes", tmp_path / "plain")
 
 
 def test_tower_stage_holds_the_other_pictures_tokens_to_the_starting_towers(parts):

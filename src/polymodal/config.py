@@ -339,6 +339,10 @@ class Blip2Config(_Config):
     # the tiles' patch tokens in tile_pool x tile_pool blocks (1: keep them all).
     tiles: int = 0
     tile_pool: int = 1
+    # Object slots (models/slots.py): a frozen DETR-style read-out of the ViT's tokens, one vector per
+    # object, which the Q-Former reads after the tokens (0: none; not with tiles). Trained with the
+    # VLM recipe's tower stage (train/scene_tower.py) and saved with the model's own weights.
+    object_slots: int = 0
     image_transform: ImageTransformConfig = field(
         default_factory=lambda: ImageTransformConfig(size=224, resize=224, mode="squash"))
     # Frozen parts whose weights are not saved with ours but read from where they ship:
@@ -348,6 +352,10 @@ class Blip2Config(_Config):
     vision_weights: str | None = None
     lm_weights: str | None = None
     model_type: str = "blip2"
+
+    def __post_init__(self):
+        if self.object_slots < 0 or (self.object_slots and self.tiles):
+            raise ConfigError(f"Blip2Config: object_slots {self.object_slots} must be >= 0 and cannot go with tiles")
 
 
 _NESTED.update({

@@ -27,6 +27,7 @@ from polymodal.config import Blip2Config, ConfigError
 from polymodal.generation import GenerateOutput, GenerationConfig, generate
 from polymodal.models.lm import IGNORE_INDEX, DecoderLM
 from polymodal.models.qformer import QFormer, SharedImage
+from polymodal.models.slots import ObjectSlots
 from polymodal.models.vit import VisionTransformer
 
 LABEL_SMOOTHING = 0.1  # LAVIS's Blip2Qformer smooths the ITC and ITG targets
@@ -47,11 +48,14 @@ def tile_views(pixels: Tensor, tiles: int) -> Tensor:
 
 
 def image_features(visual: VisionTransformer, pixels: Tensor, *, tiles: int = 0, tile_pool: int = 1,
-                   eager: bool = False) -> Tensor:
+                   eager: bool = False, slots: ObjectSlots | None = None) -> Tensor:
     """pixels (B, C, H, W) -> (B, 1 + N, width): every token of the last layer through norm_post.
     With tiles (>= 2), each tile's N patch tokens follow (`tile_views`), averaged in tile_pool x
-    tile_pool blocks: (B, 1 + N + tiles^2 * N / tile_pool^2, width)."""
+    tile_pool blocks: (B, 1 + N + tiles^2 * N / tile_pool^2, width). With `slots` (models/slots.py),
+    its object slots of those tokens follow instead: (B, 1 + N + count, width)."""
     whole = visual.norm_post(visual(pixels, eager=eager).tokens)
+    if slots is not None:
+        return torch.cat([whole, slots(whole)], dim=1)
     if tiles < 2:
         return whole
     views = tile_views(pixels, tiles).flatten(0, 1)  # (B * T, C, H, W)
@@ -90,7 +94,8 @@ def read_image(model: nn.Module, pixels: Tensor | None, features: Tensor | None,
     by `image_features` under the model's tiling), with the view embedding of a tiled model."""
     cfg = model.cfg
     if features is None:
-        features = image_features(model.visual, pixels, tiles=cfg.tiles, tile_pool=cfg.tile_pool, eager=eager)
+        features = image_features(model.visual, pixels, tiles=cfg.tiles, tile_pool=cfg.tile_pool, eager=eager,
+                                  slots=model.slots)
     features = features.to(model.qformer.query_tokens.dtype)  # cached ones may be kept in float16
     return features if model.views is None else model.views(features)
 
@@ -123,6 +128,7 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         w = cfg.qformer.width
         self.visual = VisionTransformer(cfg.vision)
+        self.slots = ObjectSlots(cfg.vision.width, cfg.object_slots) if cfg.object_slots else None
         self.views = ViewEmbedding(cfg) if cfg.tiles else None
         self.qformer = QFormer(cfg.qformer, cfg.vision.width)
         self.vision_proj = nn.Linear(w, cfg.embed_dim)
@@ -238,6 +244,7 @@ class Blip2(nn.Module):
             raise ConfigError("instruction_in_queries needs an instruction-aware BLIP-2 (instruction=True)")
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision)
+        self.slots = ObjectSlots(cfg.vision.width, cfg.object_slots) if cfg.object_slots else None
         self.views = ViewEmbedding(cfg) if cfg.tiles else None
         self.qformer = QFormer(cfg.qformer, cfg.vision.width)
         self.language_projection = nn.Linear(cfg.qformer.width, cfg.lm.embed_dim)

@@ -34,8 +34,8 @@ from polymodal.train.trainer import lr_at
 # What each stage trains: the learning rate of a part as a multiple of the base rate (0 freezes it).
 # Parts are top-level modules; any other name (the stage-1 heads, `logit_scale`) is "head".
 STAGE_PARTS = {
-    1: {"visual": 0.0, "views": 1.0, "qformer": 1.0, "head": 1.0},
-    2: {"visual": 0.0, "views": 1.0, "qformer": 1.0, "language_projection": 1.0, "instruction_proj": 1.0, "lm": 0.0},
+    1: {"visual": 0.0, "slots": 0.0, "views": 1.0, "qformer": 1.0, "head": 1.0},
+    2: {"visual": 0.0, "slots": 0.0, "views": 1.0, "qformer": 1.0, "language_projection": 1.0, "instruction_proj": 1.0, "lm": 0.0},
 }
 
 
@@ -93,7 +93,7 @@ def param_groups(model: nn.Module, cfg: Blip2TrainConfig) -> list[dict]:
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
     """The frozen parts, kept in eval mode while the rest trains."""
     parts = STAGE_PARTS[stage_of(model)]
-    return [getattr(model, part) for part, scale in parts.items() if scale == 0 and hasattr(model, part)]
+    return [getattr(model, part) for part, scale in parts.items() if scale == 0 and getattr(model, part, None) is not None]
 
 
 def stage1_terms(model: Blip2Stage1, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from polymodal.data.scenes import COLOURS, SHAPES
 from polymodal.models.blip2 import image_features
+from polymodal.models.slots import ObjectSlots
 from polymodal.processing.image import load_image, preprocess
 
 SIZES = ("small", "large")
@@ -58,29 +59,27 @@ def set_loss(logp: Tensor, centres: Tensor, scenes: list[list[dict]], box_weight
 
 
 class ObjectHead(nn.Module):
-    """Learned queries read the tower's tokens through 2 decoder layers; each names a phrase (or no
-    object) and a centre."""
+    """Object slots (16 learned queries read the tower's tokens through 2 decoder layers,
+    models/slots.py); each slot names a phrase (or no object) and a centre."""
 
     def __init__(self, width: int, queries: int = 16):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.slots = ObjectSlots(width, queries)
         self.phrase, self.centre = nn.Linear(width, NO_OBJECT + 1), nn.Linear(width, 2)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.decoder(self.queries.expand(tokens.shape[0], -1, -1), tokens)
+        h = self.slots(tokens)
         return self.phrase(h).float().log_softmax(-1), self.centre(h).float().sigmoid()
 
 
 def tune_tower(visual, transform, scenes: list[dict], keep: list[str], *, steps: int, batch_size: int = 64,
                lr: float = 1e-4, warmup: int = 50, weight_decay: float = 0.05, keep_weight: float = 1.0,
                bf16: bool = False, seed: int = 0,
-               on_step: Callable[[int, dict], None] | None = None):
+               on_step: Callable[[int, dict], None] | None = None) -> tuple[nn.Module, ObjectSlots]:
     """The object-set fine-tune of `visual` in place: `scenes` are {"image", "objects"}, `keep` the
     paths of other pictures whose tokens are held to the starting tower's (half a batch a step).
     AdamW, the head at 5 x lr, a linear warmup then a cosine to 0 (a recipe's min_lr is not used).
-    Returns `visual`, in eval mode."""
+    Returns `visual` and the head's trained object slots, both frozen, in eval mode."""
     if not scenes:
         raise ValueError("the tower stage needs scenes with their objects (polymodal data scenes)")
     rng = random.Random(seed)
@@ -117,12 +116,16 @@ def tune_tower(visual, transform, scenes: list[dict], keep: list[str], *, steps:
         if on_step is not None:
             on_step(step, {"loss": loss.item(), "object_loss": objects.item(), "keep_loss": held.item(),
                            "lr": opt.param_groups[0]["lr"]})
-    return visual.eval().requires_grad_(False)
+    return visual.eval().requires_grad_(False), head.slots.eval().requires_grad_(False)
 
 
-def save_tuned_tower(visual, source_ref: str, out: Path) -> Path:
+SLOTS_FILE = "slots.safetensors"  # a tuned tower's object slots, beside its CLIP
+
+
+def save_tuned_tower(visual, source_ref: str, out: Path, slots: ObjectSlots | None = None) -> Path:
     """The CLIP that `source_ref` names (its config and tokenizer files), its vision side replaced by
-    `visual`, written to `out` in our format (through a temporary folder, so `out` is whole or absent)."""
+    `visual`, written to `out` in our format (through a temporary folder, so `out` is whole or absent);
+    with `slots`, their weights in out/slots.safetensors."""
     from safetensors.torch import save_file
 
     from polymodal.checkpoints.state import read_state_dict
@@ -135,8 +138,25 @@ def save_tuned_tower(visual, source_ref: str, out: Path) -> Path:
     state = read_state_dict(source)
     state.update({f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()})
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "library": "polymodal"})
+    if slots is not None:
+        save_file({k: v.detach().contiguous() for k, v in slots.state_dict().items()}, str(tmp / SLOTS_FILE))
+    shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
+
+
+def load_slots(vision_ref: str) -> ObjectSlots:
+    """The object slots saved beside the tuned tower that `vision_ref` names (save_tuned_tower)."""
+    from polymodal.checkpoints.state import CheckpointError, load_exact, read_state_dict
+    from polymodal.checkpoints.vlm_io import vision_file
+
+    path = vision_file(vision_ref).parent / SLOTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{vision_ref}: no object slots ({SLOTS_FILE}) beside this tower; a recipe's "
+                              f"tower stage writes them")
+    state = read_state_dict(path)
+    count, width = state["queries"].shape
+    return load_exact(ObjectSlots(width, count), state, str(path)).eval().requires_grad_(False)
 
 
 def tower_stage(recipe, data, out: Path, log: Callable[[dict], None]) -> Path:
@@ -154,9 +174,9 @@ def tower_stage(recipe, data, out: Path, log: Callable[[dict], None]) -> Path:
     visual, transform = load_vision(recipe.vision)
     examples = load_examples(data, "train")
     stage = recipe.tower
-    tune_tower(visual, transform, [ex for ex in examples if ex["objects"]],
+    visual, slots = tune_tower(visual, transform, [ex for ex in examples if ex["objects"]],
                [ex["image"] for ex in examples if not ex["objects"]], steps=stage.steps,
                batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup, weight_decay=stage.weight_decay,
                keep_weight=recipe.tower_keep, bf16=stage.bf16, seed=recipe.seed,
                on_step=lambda step, row: log({"stage": "tower", "step": step, **row}))
-    return save_tuned_tower(visual, recipe.vision, where)
+    return save_tuned_tower(visual, recipe.vision, where, slots)

@@ -94,6 +94,8 @@ class VLMRecipe:
     tower: StageConfig | None = None  # the tower stage before everything (train/scene_tower.py): the CLIP tower
     # is first taught the scenes' objects (an object-set loss), then frozen as before; saved in OUT/tower
     tower_keep: float = 1.0  # the weight of its term that holds the other pictures' tokens to the starting tower's
+    tower_slots: bool = False  # the Q-Former also reads the object slots the tower stage trained (its object head's
+    # 16 queries, models/slots.py), after the tokens: each holds one object's colour, shape and place together
     tiles: int = 0  # the ViT also reads a tiles x tiles grid of enlarged crops (Blip2Config.tiles; 0: none)
     tile_pool: int = 1  # their patch tokens averaged in blocks of this side (Blip2Config.tile_pool)
     save_every: int = 100  # each stage keeps its state every this many steps (stage1-state.*, stage2-state.*),
@@ -126,7 +128,7 @@ class NoImages(ValueError):
 
 @torch.no_grad()
 def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile_pool: int = 1,
-                    batch_size: int = 128, on_progress: Callable[[int, int], None] | None = None,
+                    slots=None, batch_size: int = 128, on_progress: Callable[[int, int], None] | None = None,
                     ) -> tuple[Tensor, list[int]]:
     """The frozen ViT's features (N, tokens, width) of every image (`image_features`: through
     norm_post, as BLIP-2 reads them, tiled if asked), and the indices of the images that could not be
@@ -143,7 +145,8 @@ def vision_features(visual, paths: list[str], transform, *, tiles: int = 0, tile
             except ImageError:
                 bad.append(i)
         if images:
-            feats = image_features(visual, preprocess(images, transform), tiles=tiles, tile_pool=tile_pool)
+            feats = image_features(visual, preprocess(images, transform), tiles=tiles, tile_pool=tile_pool,
+                                   slots=slots)
             if out is None:
                 out = torch.zeros((len(paths),) + feats.shape[1:], dtype=torch.float16 if tiles else torch.float32)
             out[rows] = feats.to(out.dtype)
@@ -186,7 +189,7 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
     tiling = {"tiles": model.cfg.tiles, "tile_pool": model.cfg.tile_pool}
     key = hashlib.sha256(json.dumps([vision_ref, model.visual.cfg.to_dict(), paths]
                                     + ([tiling] if model.cfg.tiles else [])).encode()).hexdigest()
-    weights = model.visual.state_dict()
+    weights = {**model.visual.state_dict(), **({} if model.slots is None else model.slots.state_dict())}
     key = hashlib.sha256((key + str(float(sum(v.double().sum() for v in weights.values())))).encode()).hexdigest()
     done = _read_features(path, key)
     if done is not None:
@@ -204,7 +207,7 @@ def cached_features(path: Path, model, vision_ref: str, paths: list[str],
                 lambda n, _total, start=start: on_progress(start + n, len(paths)))
             try:
                 got = vision_features(model.visual, chunk, model.cfg.image_transform, on_progress=progress,
-                                      tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool)
+                                      tiles=model.cfg.tiles, tile_pool=model.cfg.tile_pool, slots=model.slots)
             except NoImages:  # not one readable image in this part
                 got = None, list(range(len(chunk)))
             if got[0] is not None:
@@ -242,8 +245,14 @@ def build_models(recipe: VLMRecipe):
     vocab = qtok.backend.get_vocab_size()
     qcfg = QFormerConfig(vocab_size=vocab + 1, dec_token_id=vocab, pad_token_id=qtok.pad_id,
                          context_length=recipe.max_text, **recipe.qformer)
+    slots = None
+    if recipe.tower_slots:
+        from polymodal.train.scene_tower import load_slots
+
+        slots = load_slots(recipe.vision)
     base = dict(vision=visual.cfg, embed_dim=recipe.embed_dim, image_transform=transform,
-                vision_weights=recipe.vision, tiles=recipe.tiles, tile_pool=recipe.tile_pool)
+                vision_weights=recipe.vision, tiles=recipe.tiles, tile_pool=recipe.tile_pool,
+                object_slots=0 if slots is None else len(slots.queries))
     stage1 = Blip2Stage1(Blip2Config(qformer=qcfg, lm=None, **base))
     # stage 2 drops the text side, or (instruction-aware) keeps it without its word embeddings
     stage2_q = (qcfg.replace(vocab_size=0, lm_head=False) if recipe.instruction
@@ -254,6 +263,8 @@ def build_models(recipe: VLMRecipe):
         part.apply(bert_init)
     for model in (stage1, stage2):
         model.visual.load_state_dict(visual.state_dict())
+        if slots is not None:
+            model.slots.load_state_dict(slots.state_dict())
     stage2.lm.load_state_dict(lm.state_dict())
     return stage1, stage2, lm_tokenizer, template, qtok
 
