@@ -175,8 +175,8 @@ def tower_stage(recipe, data, out: Path, log: Callable[[dict], None]) -> Path:
     examples = load_examples(data, "train")
     stage = recipe.tower
     visual, slots = tune_tower(visual, transform, [ex for ex in examples if ex["objects"]],
-               [ex["image"] for ex in examples if not ex["objects"]], steps=stage.steps,
-               batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup, weight_decay=stage.weight_decay,
-               keep_weight=recipe.tower_keep, bf16=stage.bf16, seed=recipe.seed,
-               on_step=lambda step, row: log({"stage": "tower", "step": step, **row}))
+                               [ex["image"] for ex in examples if not ex["objects"]], steps=stage.steps,
+                               batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
+                               weight_decay=stage.weight_decay, keep_weight=recipe.tower_keep, bf16=stage.bf16,
+                               seed=recipe.seed, on_step=lambda step, row: log({"stage": "tower", "step": step, **row}))
     return save_tuned_tower(visual, recipe.vision, where, slots)
